@@ -1,0 +1,294 @@
+"""Tests of the method's math against closed forms and independent references (open_clip, torchvision,
+CLIPModel's own forward). CPU only, tiny random models built offline. Run: python -m pytest -q"""
+import math
+
+import pytest
+import torch
+
+from direct_align import (branch_sigmas, default_gap, direct_align, euler_step, inject_noise, predict_x0,
+                          recover_x0, reward_k, sigma_schedule, time_shift, train_window)
+from srpo_reward import (SRPReward, control_prompts, convert_open_clip, load_hps, load_reward, preprocess,
+                         srpo_loss)
+
+torch.set_num_threads(2)
+SIGMAS = [0.0, 0.05, 0.3, 0.5, 0.75, 0.9, 0.99]
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------- direct_align.py: closed forms (SPEC §1-§3)
+
+def test_time_shift_and_schedule_hand_computed():
+    assert time_shift(0.5, 3.0) == pytest.approx(0.75)  # 1.5 / 2
+    assert time_shift(0.9, 3.0) == pytest.approx(27 / 28)  # 2.7 / 2.8
+    g = sigma_schedule(2, 3.0)
+    assert g.tolist() == pytest.approx([1.0, 0.75, 0.0])
+    assert len(sigma_schedule(50)) == 51 and bool((sigma_schedule(50).diff() < 0).all())
+
+
+def test_recover_inverts_inject():
+    x0, noise = randn(2, 16, 8, seed=1), randn(2, 16, 8, seed=2)
+    for s in SIGMAS:
+        assert torch.allclose(recover_x0(inject_noise(x0, noise, s), noise, s), x0, atol=1e-12, rtol=0)
+
+
+def test_euler_step_with_true_velocity_moves_along_the_line():
+    x0, noise = randn(3, 5, seed=1), randn(3, 5, seed=2)
+    x = euler_step(inject_noise(x0, noise, 0.8), noise - x0, 0.8, 0.3)
+    assert torch.allclose(x, inject_noise(x0, noise, 0.3), atol=1e-12, rtol=0)
+
+
+def test_direct_align_is_exact_for_true_velocity_both_branches():
+    x0, noise = randn(2, 64, 4, seed=3), randn(2, 64, 4, seed=4)
+    window = train_window()
+    for t_star in (5, 50, 100, 101, 500, 995):
+        for sigma_from, sigma_to, _ in branch_sigmas(window, t_star).values():
+            x0_hat = direct_align(lambda x, s: noise - x0, x0, noise, sigma_from, sigma_to)
+            assert torch.allclose(x0_hat, x0, atol=1e-10, rtol=0)
+    for a in SIGMAS:  # also far outside the training window
+        for b in SIGMAS:
+            if b < 0.99:
+                assert torch.allclose(direct_align(lambda x, s: noise - x0, x0, noise, a, b), x0, atol=1e-10)
+
+
+def test_direct_align_error_is_scaled_by_the_step_and_one_step_prediction_by_sigma():
+    x0, noise, delta = randn(4, 32, seed=5), randn(4, 32, seed=6), randn(4, 32, seed=7)
+    pairs = [(0.99, 0.95), (0.9, 0.8), (0.5, 0.45), (0.6, 0.7)]
+    window = [b[:2] for t in range(5, 996, 10) for b in branch_sigmas(train_window(), t).values()]
+    for a, b in pairs + window:
+        x0_hat = direct_align(lambda x, s: noise - x0 + delta, x0, noise, a, b)
+        assert torch.allclose(x0_hat - x0, (b - a) / (1 - b) * delta, atol=1e-12, rtol=0)  # SPEC §2
+        one_step = predict_x0(inject_noise(x0, noise, a), noise - x0 + delta, a)
+        assert torch.allclose(one_step - x0, -a * delta, atol=1e-12, rtol=0)
+        ratio = (one_step - x0).norm() / (x0_hat - x0).norm()
+        assert ratio.item() == pytest.approx(a * (1 - b) / abs(b - a), rel=1e-9)
+        if (a, b) in window:
+            assert ratio > 2  # inside the training window Direct-Align's error is always over 2x smaller
+
+
+def test_direct_align_sends_gradient_only_through_the_velocity():
+    x0 = randn(2, 8, seed=8).requires_grad_()
+    noise = randn(2, 8, seed=9).requires_grad_()
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    direct_align(lambda x, s: w * x, x0, noise, 0.9, 0.8).sum().backward()
+    assert w.grad is not None and x0.grad is None and noise.grad is None
+
+
+def test_dtype_is_kept_and_tensor_sigmas_work():
+    x0, noise = randn(2, 8, dtype=torch.bfloat16), randn(2, 8, seed=1, dtype=torch.bfloat16)
+    s = torch.tensor(0.7, dtype=torch.float64)
+    out = direct_align(lambda x, _: noise - x0, x0, noise, s, torch.tensor(0.6))
+    assert out.dtype == torch.bfloat16 and inject_noise(x0, noise, s).dtype == torch.bfloat16
+
+
+def test_train_window_hand_computed():
+    w = train_window()
+    assert len(w) == 1000 and w[0].item() == pytest.approx(27 / 28) and w[-1].item() == pytest.approx(0.75)
+    assert train_window(end=30)[-1].item() == pytest.approx(3 * 0.4 / 1.8)  # PickScore config, g[30]
+
+
+def test_default_gap_follows_the_release_float_arithmetic():
+    # int((1 - 0.9) * 1000) + 1: (1 - 0.9) * 1000 is 99.99999999999997 in float, so 100, not 101.
+    assert default_gap() == 100 and default_gap(0.5) == 501
+
+
+def test_branch_sigmas_hand_computed():
+    g5, g25 = 27 / 28, 0.75
+    W = lambda i: g5 + (g25 - g5) * i / 999  # noqa: E731  linspace(g[5], g[25], 1000)[i], by hand
+    b = branch_sigmas(train_window(), 500, gap=100)
+    assert b["denoise"] == pytest.approx((W(400), W(500), 500))
+    assert b["inversion"] == pytest.approx((W(600), W(500), 400))
+    b = branch_sigmas(train_window(), 5, gap=100)  # k = min(100, 995, 5) = 5
+    assert b["denoise"] == pytest.approx((W(990), W(995), 5))
+    assert b["inversion"] == pytest.approx((W(999), W(994), 1))
+    b = branch_sigmas(train_window(), 995, gap=100)  # k = 5
+    assert b["denoise"] == pytest.approx((W(0), W(5), 995))
+    assert b["inversion"] == pytest.approx((W(10), W(5), 990))
+
+
+def test_branch_sigmas_directions_landing_and_edges():
+    window = train_window()
+    lo, hi = window[-1].item(), window[0].item()
+    for t_star in [5, 6, 99, 100, 101, 102, 500, 900, 994, 995]:
+        b = branch_sigmas(window, t_star)
+        (d_from, d_to, d_m), (i_from, i_to, i_m) = b["denoise"], b["inversion"]
+        assert d_from > d_to and i_from < i_to, t_star  # denoise goes down, inversion up
+        for s in (d_from, d_to, i_from, i_to):
+            assert lo <= s <= hi
+        assert 0 <= d_m < 1000 and 0 <= i_m < 1000
+        if t_star > default_gap():
+            assert d_to == i_to  # both land on W[L - t*]
+
+
+def test_reward_k_hand_computed():
+    assert reward_k(0, (0.1, 0.25)) == pytest.approx(0.1)
+    assert reward_k(999, (0.1, 0.25)) == pytest.approx(0.25)
+    assert reward_k(333, (0.3, 0.01)) == pytest.approx(0.3 - 0.29 * 333 / 999)
+
+
+# ---------------------------------------------------------------- srpo_reward.py
+
+def test_preprocess_matches_torchvision():
+    from torchvision import transforms as T
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    ref = T.Compose([T.Resize(24, T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(24),
+                     T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    for img in (images, images.transpose(-1, -2), images[..., :40]):
+        assert torch.allclose(preprocess(img, 24), ref(img), atol=1e-5)
+
+
+def test_control_prompts_cycle_and_take_user_words():
+    assert control_prompts("a cat", 0) == ("Natural-lighting. a cat", "Concept art. a cat")
+    assert control_prompts("a cat", 5) == ("Detail. a cat", "Concept art. a cat")  # 5 % 4, 5 % 5
+    assert control_prompts("a cat", 3) == ("Real. a cat", "Flat. a cat")
+    assert control_prompts("x", 1, ["bright"], ["dark", "dim"]) == ("bright. x", "dim. x")
+
+
+def test_srpo_loss_is_thresholded():
+    assert srpo_loss(torch.tensor([0.5, 0.9, 0.7])).tolist() == pytest.approx([0.2, 0.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import AutoTokenizer, CLIPModel
+    from tiny import build_tiny_clip
+    path = tmp_path_factory.mktemp("clip")
+    build_tiny_clip(path, seed=0)
+    return CLIPModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), path
+
+
+def reference_similarities(model, tokenizer, images, prompts):
+    """cos(f_img, f_txt) through CLIPModel's own forward, with torchvision preprocessing."""
+    from torchvision import transforms as T
+    size = model.config.vision_config.image_size
+    pixels = T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))(
+        T.CenterCrop(size)(T.Resize(size, T.InterpolationMode.BICUBIC, antialias=True)(images)))
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+    return out.logits_per_image / model.logit_scale.exp(), model.logit_scale.exp()
+
+
+def test_srp_and_score_match_clip_forward_for_each_kind(tiny_clip):
+    model, tokenizer, _ = tiny_clip
+    images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    pos = ["Real. a red circle", "Detail. a cat", "Real. a dog on grass"]
+    neg = ["Painting. a red circle", "Anime. a cat", "Oil. a dog on grass"]
+    cos, scale = reference_similarities(model, tokenizer, images, pos + neg)
+    k = 0.25
+    expected = (1 + k) * cos[range(3), range(3)] - cos[range(3), [3, 4, 5]]
+    for kind, factor in (("hps", 1.0), ("clip", scale / 20), ("pickscore", scale / 20)):
+        r = SRPReward(model, tokenizer, kind).srp(images, pos, neg, k)
+        assert torch.allclose(r, expected * factor, atol=1e-5), kind
+    plain = cos[range(3), range(3)]
+    for kind, factor in (("hps", 1.0), ("clip", 1.0), ("pickscore", scale)):
+        assert torch.allclose(SRPReward(model, tokenizer, kind).score(images, pos), plain * factor, atol=1e-5)
+
+
+def test_srp_gradient_ascent_moves_image_toward_positive_prompt(tiny_clip):
+    model, tokenizer, _ = tiny_clip
+    reward = SRPReward(model, tokenizer, "hps")
+    pos, neg = ["bright. a square"] * 2, ["dark. a square"] * 2
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    r0 = reward.srp(images, pos, neg, 0.1)
+    r0.sum().backward()
+    assert all(p.grad is None for p in model.parameters())  # frozen reward, gradient only to the image
+    moved = (images + 0.05 * images.grad / images.grad.norm()).detach()
+    gap = lambda x: reward.score(x, pos) - reward.score(x, neg)  # noqa: E731
+    with torch.no_grad():
+        assert (reward.srp(moved, pos, neg, 0.1) > r0).all()
+        assert (gap(moved) > gap(images.detach())).all()
+
+
+# ---------------------------------------------------------------- HPSv2.1: open_clip -> CLIPModel
+
+def tiny_open_clip(vocab_size, width=32, seed=0):
+    """An open_clip CLIP with ViT-H-14's structure (pre-LN ViT, class token, argmax text pooling,
+    no projection bias), tiny, with every parameter randomized so that no mapping hides behind an init."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=2, width=width, head_width=16, patch_size=8,
+                                                       image_size=32),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=vocab_size, width=width, heads=2, layers=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight",
+                    "ln_post.weight", "ln_final.weight")) else 0.2 * torch.randn_like(p))
+        model.logit_scale.fill_(math.log(30.0))
+    return model.eval()
+
+
+def clip_h_like_folder(path, tokenizer, width=32):
+    """What load_hps reads from a laion/CLIP-ViT-H-14 folder: a CLIPConfig and a tokenizer."""
+    from transformers import CLIPConfig
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_attention_heads=2,
+                num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu", eos_token_id=2)
+    vision = dict(hidden_size=width, intermediate_size=4 * width, num_attention_heads=width // 16,
+                  num_hidden_layers=2, image_size=32, patch_size=8, hidden_act="gelu")
+    CLIPConfig(text_config=text, vision_config=vision, projection_dim=16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def test_convert_open_clip_matches_open_clip(tiny_clip, tmp_path):
+    _, tokenizer, _ = tiny_clip
+    oc = tiny_open_clip(len(tokenizer))
+    clip_h_like_folder(tmp_path, tokenizer)
+    torch.save({"state_dict": oc.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
+    model, tok = load_hps(str(tmp_path / "HPS_v2.1_compressed.pt"), str(tmp_path))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(1, len(tokenizer) - 1, (2, 77), generator=torch.Generator().manual_seed(4))
+    ids[0, 9], ids[0, 10:] = len(tokenizer) - 1, 0  # end-of-text (the largest id), then padding
+    ids[1, 76] = len(tokenizer) - 1
+    with torch.no_grad():
+        for ref, got in ((oc.encode_image(images), model.get_image_features(pixel_values=images).pooler_output),
+                         (oc.encode_text(ids), model.get_text_features(input_ids=ids).pooler_output)):
+            assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+        assert model.logit_scale.item() == pytest.approx(math.log(30.0))
+    # And through the whole reward: HPS's score is the cosine of open_clip's embeddings.
+    reward = load_reward("hps", str(tmp_path / "HPS_v2.1_compressed.pt"), str(tmp_path))
+    prompt = ["Real. a blue triangle"]
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = (oc.encode_image(preprocess(img, 32), normalize=True)
+               * oc.encode_text(tok(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids,
+                                normalize=True)).sum(-1)
+        assert torch.allclose(reward.score(img, prompt), ref, atol=1e-5)
+
+
+def test_convert_open_clip_names_every_clip_model_key(tiny_clip):
+    from transformers import CLIPConfig, CLIPModel
+    _, tokenizer, _ = tiny_clip
+    converted = convert_open_clip(tiny_open_clip(len(tokenizer)).state_dict())
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        clip_h_like_folder(d, tokenizer)
+        expected = CLIPModel(CLIPConfig.from_pretrained(d)).state_dict()
+    assert set(converted) == set(expected)
+
+
+# ---------------------------------------------------------------- loaders: bad input gives one clear line
+
+def test_loader_errors_name_the_file_and_what_was_expected(tiny_clip, tmp_path):
+    _, tokenizer, clip_path = tiny_clip
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt: not found \(expected HPS_v2.1_compressed.pt"):
+        load_reward("hps", str(tmp_path / "nope.pt"), str(clip_path))
+    torch.save({"state_dict": tiny_open_clip(len(tokenizer)).state_dict()}, tmp_path / "hps.pt")
+    with pytest.raises(FileNotFoundError, match="laion/CLIP-ViT-H-14"):
+        load_reward("hps", str(tmp_path / "hps.pt"), None)
+    clip_h_like_folder(tmp_path / "cliph", tokenizer)
+    torch.save({"state_dict": tiny_open_clip(len(tokenizer), width=48).state_dict()}, tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=r"wide\.pt: .* is \(.*\), expected \(.*\) for the CLIP config"):
+        load_reward("hps", str(tmp_path / "wide.pt"), str(tmp_path / "cliph"))
+    torch.save({"weights": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: expected an HPSv2.1 checkpoint"):
+        load_reward("hps", str(tmp_path / "bad.pt"), str(tmp_path / "cliph"))
+    with pytest.raises(FileNotFoundError, match=r"missing/config.json: not found \(expected a pickscore"):
+        load_reward("pickscore", str(tmp_path / "missing"))
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match="model_type is 't5', expected a CLIPModel folder"):
+        load_reward("clip", str(tmp_path / "t5"))
+    with pytest.raises(ValueError, match="reward kind 'imagereward'"):
+        load_reward("imagereward", str(clip_path))
