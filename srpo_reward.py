@@ -164,12 +164,13 @@ def load_hps(checkpoint, clip_h_dir):
 
 
 def load_reward(kind, path, clip_h_dir=None, device="cpu", dtype=torch.float32):
-    """An SRPReward for kind hps (path: HPS_v2.1_compressed.pt, plus clip_h_dir), pickscore (path: a
+    """An SRPReward for kind hps (path: HPS_v2.1_compressed.pt, plus clip_h_dir; or a CLIPModel folder
+    holding an already converted HPS, like the tiny stand-in), pickscore (path: a
     yuvalkirstain/PickScore_v1 folder; its tokenizer is CLIP-H's, from clip_h_dir if given) or clip
     (path: any CLIPModel folder with its tokenizer)."""
     if kind not in KINDS:
         raise ValueError(f"reward kind {kind!r}: expected one of {', '.join(KINDS)}")
-    if kind == "hps":
+    if kind == "hps" and not os.path.isdir(path or ""):
         model, tokenizer = load_hps(path, clip_h_dir)
     else:
         model = _load_clip_folder(path, f"a {kind} CLIPModel folder")

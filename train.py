@@ -1,0 +1,484 @@
+"""SRPO training of FLUX: online rollouts, Direct-Align on both branches, the SRP reward (arXiv 2509.06942).
+
+CPU, tiny random models (built offline on first use, a couple of minutes at most):
+    python train.py
+    torchrun --nproc_per_node=2 train.py
+One node, 8 GPUs, FLUX.1-dev + HPSv2.1 with the release's recipe (SPEC §3-§5):
+    torchrun --nproc_per_node=8 train.py --model ./FLUX.1-dev --reward hps \
+        --reward-path ./hps_ckpt/HPS_v2.1_compressed.pt --clip-h ./CLIP-ViT-H-14-laion2B-s32B-b79K \
+        --prompts ./prompts.txt --output-dir out/srpo-hps
+Four nodes, 32 GPUs: the same flags, on every node
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_HOST:29500 train.py ...
+After a crash, the same command with --resume continues from the newest complete checkpoint.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from direct_align import (branch_sigmas, default_gap, direct_align, euler_step, reward_k, sample_t_star,
+                          sigma_schedule, train_window)
+from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
+
+# FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
+# would skip its backward hook; FLUX makes none, and test_core.py shows FSDP and DDP end at equal weights.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+# The release's two configs (SPEC §3, §4); --reward clip uses the HPS one. Flags override each value.
+RECIPES = {
+    "hps": dict(window_end=25, k_denoise=(0.1, 0.25), k_inversion=(0.3, 0.01), rollout_guidance=1.0),
+    "pickscore": dict(window_end=30, k_denoise=(0.1, 0.5), k_inversion=(0.6, 0.01), rollout_guidance=2.0),
+}
+RECIPES["clip"] = RECIPES["hps"]
+# Prompts for the CPU run on tiny models, when no --prompts file is given.
+TINY_PROMPTS = ["a red car on a street", "a cat sitting on a chair", "a green tree near a lake",
+                "a portrait of an old man", "a white bird in the sky", "a small house under a dark sky"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # models and data
+    a("--model", help="diffusers FLUX pipeline folder (FLUX.1-dev layout); default: tiny random models")
+    a("--reward", default="hps", choices=KINDS, help="reward model kind (SPEC §4)")
+    a("--reward-path", help="HPS_v2.1_compressed.pt, or a PickScore / CLIP folder; default: a tiny CLIP")
+    a("--clip-h", help="laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder: HPS's config and tokenizer")
+    a("--prompts", help="text file, one prompt per line (online mode)")
+    a("--image-dir", help="offline mode: images with .txt captions beside them replace the rollout")
+    a("--pos-words", nargs="+", default=list(POS_WORDS), help="positive control words (SPEC §4)")
+    a("--neg-words", nargs="+", default=list(NEG_WORDS), help="negative control words (SPEC §4)")
+    a("--output-dir", default="out/srpo")
+    # the method (SPEC §3-§4); None = the reward's recipe above
+    a("--resolution", type=int, help="square training size, a multiple of 16; default 720 (64 on tiny)")
+    a("--rollout-steps", type=int, default=25, help="Euler steps of the online rollout")
+    a("--rollout-guidance", type=float, help="FLUX guidance of the rollout: 1 (hps), 2 (pickscore)")
+    a("--guidance", type=float, default=3.5, help="FLUX guidance of the trained step and the samples")
+    a("--shift", type=float, default=3.0, help="constant timestep shift of every sigma grid")
+    a("--window-start", type=int, default=5, help="training window starts at g[start] of the 50-step grid")
+    a("--window-end", type=int, help="... and ends at g[end]: 25 (hps), 30 (pickscore)")
+    a("--rho", type=float, default=0.9, help="groundtruth ratio: branch gap int((1 - rho) * 1000) + 1")
+    a("--k-denoise", type=float, nargs=2, help="SRP k schedule of the denoise branch, start end")
+    a("--k-inversion", type=float, nargs=2, help="SRP k schedule of the inversion branch, start end")
+    a("--threshold", type=float, default=0.7, help="loss = relu(threshold - reward)")
+    a("--branches", default="both", choices=("both", "denoise", "inversion"),
+      help="denoise alone shows reward hacking, the release's README suggests, for comparison")
+    a("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    # optimization (SPEC §5)
+    a("--steps", type=int, default=20, help="optimizer steps (the release: about 20 on 32 GPUs)")
+    a("--lr", type=float, default=5e-6)
+    a("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    a("--weight-decay", type=float, default=1e-4)
+    a("--adam-eps", type=float, default=1e-8)
+    a("--max-grad-norm", type=float, default=0.1)
+    a("--seed", type=int, default=42)
+    a("--strategy", default="fsdp", choices=("fsdp", "ddp"), help="FSDP2 full shard, or DDP")
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
+    # output
+    a("--checkpoint-every", type=int, default=10)
+    a("--sample-every", type=int, default=10, help="save a PNG grid of samples every N steps (0: never)")
+    a("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
+    args = p.parse_args(argv)
+    for key, value in RECIPES[args.reward].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.resolution = args.resolution or (720 if args.model else 64)
+    return args
+
+
+def fail(message):
+    """One line naming the problem, exit code 2, no traceback (printed once, by rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(2)
+
+
+def check_inputs(args):
+    if args.resolution % 16:
+        fail(f"--resolution {args.resolution}: must be a multiple of 16 (8x VAE, then 2x2 patches)")
+    if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        fail(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+    if args.model and not json.load(open(os.path.join(args.model, "model_index.json")))["_class_name"] \
+            .startswith("Flux"):
+        fail(f"--model {args.model}: model_index.json does not name a FLUX pipeline")
+    if args.model and not (args.prompts or args.image_dir):
+        fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
+    if args.prompts and not os.path.isfile(args.prompts):
+        fail(f"--prompts {args.prompts}: file not found")
+    if args.image_dir and not os.path.isdir(args.image_dir):
+        fail(f"--image-dir {args.image_dir}: folder not found")
+    complete = latest_checkpoint(args.output_dir)
+    if complete and not args.resume:
+        fail(f"--output-dir {args.output_dir} holds checkpoint-{complete}: pass --resume, or another dir")
+
+
+def read_data(args):
+    """(captions, image paths or None). Online: the prompts. Offline: every image with a .txt caption."""
+    if args.image_dir:
+        images = sorted(f for f in os.listdir(args.image_dir)
+                        if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        if not images:
+            fail(f"--image-dir {args.image_dir}: no .png/.jpg/.jpeg/.webp images")
+        paths = [os.path.join(args.image_dir, f) for f in images]
+        for path in paths:
+            if not os.path.isfile(os.path.splitext(path)[0] + ".txt"):
+                fail(f"--image-dir: {path} has no caption file {os.path.splitext(path)[0]}.txt")
+        return [open(os.path.splitext(p)[0] + ".txt").read().strip() for p in paths], paths
+    prompts = [line.strip() for line in open(args.prompts)] if args.prompts else TINY_PROMPTS
+    prompts = [line for line in prompts if line]
+    if not prompts:
+        fail(f"--prompts {args.prompts}: no prompts (one per line expected)")
+    return prompts, None
+
+
+def rng(*key):
+    """A generator seeded by key. Every random draw of a step is keyed by (seed, step, ...), so the step
+    number is the whole RNG state: a resumed run replays exactly what an uninterrupted one draws."""
+    return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
+
+
+def memory_plan(num_params, world_size, strategy):
+    """Bytes each rank holds for fp32 master weights, fp32 gradients and AdamW's two fp32 states (SPEC §5):
+    FSDP full shard divides all three by the world size, DDP keeps full copies on every rank."""
+    shard = world_size if strategy == "fsdp" else 1
+    plan = {"weights": 4 * num_params / shard, "grads": 4 * num_params / shard,
+            "optimizer": 8 * num_params / shard}
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+# ----------------------------------------------------------------------------------------- FLUX pieces
+
+def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, dtype):
+    """FLUX conditioning of each prompt: T5 sequence and CLIP pooled embeddings (SPEC §5). They depend only
+    on the caption, so they are computed once, cached as safetensors, and the text encoders are freed."""
+    def path(prompt):
+        key = f"{os.path.abspath(model_dir)}|{max_sequence_length}|{prompt}"
+        return os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
+    todo = [p for p in dict.fromkeys(prompts) if not os.path.isfile(path(p))]
+    if todo:
+        os.makedirs(cache_dir, exist_ok=True)
+        pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype).to(device)
+        for prompt in todo:
+            with torch.no_grad():
+                embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device,
+                                                       max_sequence_length=max_sequence_length)
+            tmp = f"{path(prompt)}.{os.getpid()}.tmp"
+            save_file({"encoder_hidden_states": embeds.cpu(), "pooled_projections": pooled.cpu()}, tmp)
+            os.replace(tmp, path(prompt))
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {p: {k: v.to(device) for k, v in load_file(path(p)).items()} for p in prompts}
+
+
+def velocity(transformer, x, sigma, cond, guidance):
+    """FLUX's velocity v = noise - x0 at packed latents x. The release feeds the timestep
+    floor(sigma * 1000) / 1000 (SPEC §3); guidance only where the model embeds it (FLUX.1-dev does)."""
+    t = torch.full((x.shape[0],), math.floor(float(sigma) * 1000) / 1000, device=x.device)
+    g = torch.full_like(t, guidance) if guidance is not None else None
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+        v = transformer(hidden_states=x, timestep=t, guidance=g, return_dict=False, **cond)[0]
+    return v.float()
+
+
+def latent_noise(resolution, generator, device):
+    """Gaussian noise in FLUX's packed layout: 16 channels at H/8 x W/8, in 2x2 patches (SPEC §5)."""
+    h = w = resolution // 8
+    noise = torch.randn(1, 16, h, w, generator=generator)
+    return FluxPipeline._pack_latents(noise, 1, 16, h, w).to(device)
+
+
+def conditioning(embeds, resolution, device):
+    """The transformer's keyword inputs besides x and t: text embeddings, text ids zeros(L, 3), image ids
+    [0, row, col] of the 2x2 patches."""
+    ids = FluxPipeline._prepare_latent_image_ids(1, resolution // 16, resolution // 16, device, torch.float32)
+    txt_ids = torch.zeros(embeds["encoder_hidden_states"].shape[1], 3, device=device)
+    return dict(embeds, txt_ids=txt_ids, img_ids=ids)
+
+
+@torch.no_grad()
+def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
+    """x0 of the current model: Euler steps on the shift-3 grid from pure noise (SPEC §5), no gradient."""
+    sigmas = sigma_schedule(steps, shift)
+    x = noise
+    for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), desc="rollout", leave=False,
+                                  disable=not progress):
+        x = euler_step(x, velocity(transformer, x, sigma, cond, guidance), sigma, sigma_next)
+    return x
+
+
+def decode(vae, x, resolution):
+    """Packed latents -> images in [0, 1]: unpack, undo the VAE's shift/scale, decode, clamp(img/2 + 0.5)."""
+    latents = FluxPipeline._unpack_latents(x, resolution, resolution, 2 ** (len(vae.config.block_out_channels) - 1))
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+        image = vae.decode(latents, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_image(vae, path, resolution, generator, device):
+    """Offline mode's x0: a real image, resized and center-cropped, encoded by the VAE (SPEC §5)."""
+    img = Image.open(path).convert("RGB")
+    scale = resolution / min(img.size)
+    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+                     Image.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    x = (x.permute(2, 0, 1)[None].float() / 127.5 - 1).to(device)
+    latents = vae.encode(x).latent_dist.sample(generator=generator)
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    h = resolution // 8
+    return FluxPipeline._pack_latents(latents.float(), 1, 16, h, h)
+
+
+def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generator, args):
+    """Direct-Align on both branches of one sample, with the SRP reward (SPEC §2-§4). Each branch's loss
+    relu(threshold - r) / n_branches is backpropagated at once, so the gradients accumulate. Returns the
+    step's numbers: loss, and reward / sigma from, to / k of each branch."""
+    window = train_window(args.window_start, args.window_end, shift=args.shift)
+    t_star = sample_t_star(len(window), generator)
+    sigmas = branch_sigmas(window, t_star, default_gap(args.rho, len(window)))
+    pos, neg = control_prompts(caption, step, args.pos_words, args.neg_words)
+    names = ("denoise", "inversion") if args.branches == "both" else (args.branches,)
+    out = {"loss": 0.0}
+    for name in names:
+        sigma_from, sigma_to, m = sigmas[name]
+        k = reward_k(m, args.k_denoise if name == "denoise" else args.k_inversion, len(window))
+        # The inversion step enters x0_hat with the opposite sign, so it maximizes the reward with the
+        # roles swapped: both branches push the model towards the positive words (SPEC §4).
+        p, n = (pos, neg) if name == "denoise" else (neg, pos)
+        v = lambda x, s: velocity(transformer, x, s, cond, args.guidance)  # noqa: E731
+        x0_hat = direct_align(v, x0, noise, sigma_from, sigma_to)
+        with torch.autocast("cuda", torch.bfloat16, enabled=x0.device.type == "cuda"):
+            r = reward.srp(decode(vae, x0_hat, args.resolution), [p], [n], k).float()
+        loss = srpo_loss(r, args.threshold).mean() / len(names)
+        loss.backward()
+        out["loss"] += loss.item()
+        out.update({f"reward_{name}": r.item(), f"sigma_{name}_from": sigma_from, f"sigma_{name}_to": sigma_to,
+                    f"k_{name}": k})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(output_dir):
+    """The newest complete checkpoint's step, 0 if none. Only renamed folders match checkpoint-N."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return max((int(m[1]) for n in names if (m := re.fullmatch(r"checkpoint-(\d+)", n))), default=0)
+
+
+def save_checkpoint(transformer, optimizer, step, output_dir, rank):
+    """checkpoint-{step}/: diffusion_pytorch_model.safetensors (the full transformer in diffusers naming, bf16,
+    as the release publishes it) + config.json, and state/ (sharded fp32 model and AdamW states,
+    torch.distributed.checkpoint). Written as .tmp and renamed, so a crash never leaves a checkpoint that
+    --resume would trust."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dcp.save({"model": get_model_state_dict(transformer),
+              "optimizer": get_optimizer_state_dict(transformer, optimizer)},
+             checkpoint_id=os.path.join(tmp, "state"))
+    full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in full.items()},
+                  os.path.join(tmp, "diffusion_pytorch_model.safetensors"))
+        getattr(transformer, "module", transformer).save_config(tmp)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(transformer, optimizer, path):
+    state = {"model": get_model_state_dict(transformer),
+             "optimizer": get_optimizer_state_dict(transformer, optimizer)}
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+    set_model_state_dict(transformer, state["model"])
+    set_optimizer_state_dict(transformer, optimizer, state["optimizer"])
+
+
+def save_samples(transformer, vae, noise, cond, caption, path, args, rank, world):
+    """Every rank renders its own fixed prompt from its own fixed noise; rank 0 saves the grid."""
+    with torch.no_grad():
+        image = decode(vae, rollout(transformer, noise, cond, args.rollout_steps, args.shift, args.guidance),
+                       args.resolution)
+    images = [torch.empty_like(image) for _ in range(world)]
+    dist.all_gather(images, image)
+    captions = [None] * world
+    dist.all_gather_object(captions, caption)
+    if rank == 0:
+        images = torch.cat(images)
+        cols = min(len(images), 8)
+        rows = -(-len(images) // cols)
+        grid = torch.ones(rows * cols, *images.shape[1:], device=images.device)
+        grid[:len(images)] = images
+        grid = grid.view(rows, cols, 3, args.resolution, args.resolution).permute(0, 3, 1, 4, 2)
+        grid = (grid.reshape(rows * args.resolution, cols * args.resolution, 3) * 255).round().byte().cpu()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(grid.numpy()).save(path)
+        with open(path[:-4] + ".txt", "w") as f:
+            f.write("\n".join(captions) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_inputs(args)
+    captions, image_paths = read_data(args)
+
+    # distributed: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one, same code
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    master = rank == 0
+    torch.manual_seed(args.seed + rank)  # SPEC §5; the draws that matter use rng(...) below
+    say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
+
+    # models: the real ones, or tiny random ones written once and loaded through the same from_pretrained
+    if not args.model or not args.reward_path:
+        from tiny import tiny_model_paths
+        if master:
+            tiny_model_paths()  # rank 0 builds, the others then find them
+        dist.barrier()
+        tiny_flux, tiny_clip = tiny_model_paths()
+        say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
+        args.model = args.model or tiny_flux
+        args.reward_path = args.reward_path or tiny_clip
+    try:
+        reward = load_reward(args.reward, args.reward_path, args.clip_h, device)
+    except (OSError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
+    # fp32 master weights (SPEC §5), sharded below
+    transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=torch.float32)
+    transformer = transformer.to(device).train()
+    num_params = sum(p.numel() for p in transformer.parameters())
+    if not transformer.config.guidance_embeds:  # FLUX.1-schnell and the like: no guidance input
+        args.guidance = args.rollout_guidance = None
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = cuda
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.strategy == "fsdp":  # FSDP2: each block is one all-gather unit, then the root (SPEC §5)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            fully_shard(block, mp_policy=mp or MixedPrecisionPolicy())
+        fully_shard(transformer, mp_policy=mp or MixedPrecisionPolicy())
+    else:
+        transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None)
+    plan = memory_plan(num_params, world, args.strategy)
+    say(f"transformer: {num_params / 1e6:.1f}M parameters; per rank under {args.strategy} x {world}: "
+        + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items()))
+
+    # data: every rank has its own prompt each step, in one seeded order; text embeddings cached
+    order = torch.randperm(len(captions), generator=rng(args.seed, "order")).tolist()
+    index = lambda step, r=rank: order[(step * world + r) % len(order)]  # noqa: E731
+    sample_caption = captions[rank % len(captions)]
+    mine = [captions[index(s)] for s in range(args.steps)] + [sample_caption]
+    embeds = encode_prompts(args.model, mine, args.max_sequence_length, os.path.join(args.output_dir, "text_cache"),
+                            device, torch.bfloat16 if cuda else torch.float32)
+    sample_noise = latent_noise(args.resolution, rng(args.seed, "sample", rank), device)
+
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                  weight_decay=args.weight_decay, eps=args.adam_eps)
+    start = latest_checkpoint(args.output_dir) if args.resume else 0
+    if start:
+        load_checkpoint(transformer, optimizer, os.path.join(args.output_dir, f"checkpoint-{start}"))
+        say(f"resumed from {args.output_dir}/checkpoint-{start}")
+    if master:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start] \
+            if start and os.path.isfile(metrics_path) else []
+        with open(metrics_path, "w") as f:  # drop lines of steps a crash lost: they are redone
+            f.writelines(kept)
+    if args.sample_every and start == 0:
+        save_samples(transformer, vae, sample_noise, conditioning(embeds[sample_caption], args.resolution, device),
+                     sample_caption, os.path.join(args.output_dir, "samples", "step-000000.png"), args, rank, world)
+
+    last_checkpoint = os.path.join(args.output_dir, f"checkpoint-{start}") if start else "none"
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="srpo", disable=not master)
+    for step in bar:
+        t0 = time.time()
+        caption = captions[index(step)]
+        cond = conditioning(embeds[caption], args.resolution, device)
+        noise = latent_noise(args.resolution, rng(args.seed, "noise", step), device)  # the same on every rank
+        if image_paths:  # offline: a real image and a fresh noise shared by all ranks
+            x0 = encode_image(vae, image_paths[index(step)], args.resolution, rng(args.seed, "vae", step, rank),
+                              device)
+        else:  # online: the current model's own sample from that noise
+            x0 = rollout(transformer, noise, cond, args.rollout_steps, args.shift, args.rollout_guidance,
+                         progress=master and cuda)
+        out = srpo_step(transformer, vae, reward, x0, noise, cond, caption, step,
+                        rng(args.seed, "t", step, rank), args)
+        grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+
+        # every rank's numbers, averaged; a non-finite loss stops all ranks before the weights change
+        stats = torch.tensor(list(out.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        stats = dict(zip(out, (stats / world).tolist()))
+        if not math.isfinite(stats["loss"]):
+            bar.close()
+            fail(f"loss is {stats['loss']} at step {step + 1}: stopped before the optimizer step; "
+                 f"last good checkpoint: {last_checkpoint}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        record = {"step": step + 1, "loss": stats["loss"]}
+        for n in ("denoise", "inversion"):
+            record[f"reward_{n}"] = stats.get(f"reward_{n}")
+            record[f"sigma_{n}"] = [stats[f"sigma_{n}_from"], stats[f"sigma_{n}_to"]] if f"k_{n}" in stats else None
+            record[f"k_{n}"] = stats.get(f"k_{n}")
+        record.update(grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"], step_time_s=time.time() - t0)
+        if master:
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0):
+            last_checkpoint = save_checkpoint(transformer, optimizer, step + 1, args.output_dir, rank)
+        if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
+            save_samples(transformer, vae, sample_noise, conditioning(embeds[sample_caption], args.resolution, device),
+                         sample_caption, os.path.join(args.output_dir, "samples", f"step-{step + 1:06d}.png"),
+                         args, rank, world)
+
+    say(f"done: weights {last_checkpoint}/diffusion_pytorch_model.safetensors, metrics "
+        f"{args.output_dir}/metrics.jsonl, samples {args.output_dir}/samples/")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
