@@ -401,6 +401,27 @@ def test_direct_align_step_sends_gradient_to_the_transformer_only(tiny_parts):
     assert all(p.grad is None for p in reward.model.parameters())
 
 
+def test_offline_mode_trains_on_the_vae_encoding_of_captioned_images(tmp_path, tiny_parts):
+    from diffusers import FluxPipeline
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+    _, vae, _, _ = tiny_parts
+    for i in range(2):
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"a photo of a cat number {i}\n")
+    done = run_train("--image-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--steps", "2", *FAST)
+    assert done.returncode == 0, done.stderr[-12000:]
+    assert len(open(tmp_path / "out" / "metrics.jsonl").readlines()) == 2
+    # x0 is the image as diffusers' own image processor prepares it, encoded, shifted, scaled and packed
+    x0 = train.encode_image(vae, tmp_path / "0.png", 32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with torch.no_grad():
+        latent = vae.encode(VaeImageProcessor().preprocess(Image.open(tmp_path / "0.png"))).latent_dist.sample(
+            generator=torch.Generator().manual_seed(0))
+    latent = (latent - vae.config.shift_factor) * vae.config.scaling_factor
+    assert torch.allclose(x0, FluxPipeline._pack_latents(latent, 1, 16, 4, 4), atol=1e-5)
+
+
 class Brightness:
     """An SRP-shaped reward whose optimum is known: the mean brightness when the positive prompt carries
     "bright", minus it when the roles are swapped (as the inversion branch swaps them)."""

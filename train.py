@@ -381,9 +381,9 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
-    # fp32 master weights (SPEC §5), sharded below
-    transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=torch.float32)
-    transformer = transformer.to(device).train()
+    # fp32 master weights (SPEC §5), loaded straight onto this rank's device (no host copy), sharded below
+    transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=torch.float32,
+                                                         device_map=str(device)).train()
     num_params = sum(p.numel() for p in transformer.parameters())
     if not transformer.config.guidance_embeds:  # FLUX.1-schnell and the like: no guidance input
         args.guidance = args.rollout_guidance = None
@@ -400,7 +400,7 @@ def main(argv=None):
         transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None)
     plan = memory_plan(num_params, world, args.strategy)
     say(f"transformer: {num_params / 1e6:.1f}M parameters; per rank under {args.strategy} x {world}: "
-        + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items()))
+        + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in plan.items()))
 
     # data: every rank has its own prompt each step, in one seeded order; text embeddings cached
     order = torch.randperm(len(captions), generator=rng(args.seed, "order")).tolist()
