@@ -467,6 +467,9 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     assert "does not name a FLUX pipeline" in error("--model", str(tmp_path / "sd"))
+    from tiny import tiny_model_paths
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert "--model needs --reward-path" in error("--model", tiny_model_paths()[0], "--prompts", str(tmp_path / "p.txt"))
     assert "--prompts" in error("--prompts", str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert "no prompts" in error("--prompts", str(tmp_path / "empty.txt"))
@@ -476,7 +479,7 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
     Image.new("RGB", (40, 40)).save(tmp_path / "imgs" / "a.png")
     assert "a.png has no caption file" in error("--image-dir", str(tmp_path / "imgs"))
     assert "HPS_v2.1_compressed.pt" in error("--reward-path", str(tmp_path / "hps.pt"))
-    assert "loss is nan at step 2" in error("--lr", "1e30", "--steps", "3", "--checkpoint-every", "1")
+    assert "at step 2: stopped before the optimizer step" in error("--lr", "1e30", "--steps", "3", "--checkpoint-every", "1")
     assert os.listdir(tmp_path / "out" / "checkpoint-1") and not os.path.exists(tmp_path / "out" / "checkpoint-2")
     assert "pass --resume" in error("--steps", "3")
 

@@ -123,6 +123,8 @@ def check_inputs(args):
         fail(f"--model {args.model}: model_index.json does not name a FLUX pipeline")
     if args.model and not (args.prompts or args.image_dir):
         fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
+    if args.model and not args.reward_path:
+        fail("--model needs --reward-path (HPS_v2.1_compressed.pt, or a PickScore / CLIP folder)")
     if args.prompts and not os.path.isfile(args.prompts):
         fail(f"--prompts {args.prompts}: file not found")
     if args.image_dir and not os.path.isdir(args.image_dir):
@@ -367,7 +369,7 @@ def main(argv=None):
     say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
 
     # models: the real ones, or tiny random ones written once and loaded through the same from_pretrained
-    if not args.model or not args.reward_path:
+    if not args.model:
         from tiny import tiny_model_paths
         if master:
             tiny_model_paths()  # rank 0 builds, the others then find them
@@ -392,10 +394,10 @@ def main(argv=None):
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.strategy == "fsdp":  # FSDP2: each block is one all-gather unit, then the root (SPEC §5)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            fully_shard(block, mp_policy=mp or MixedPrecisionPolicy())
-        fully_shard(transformer, mp_policy=mp or MixedPrecisionPolicy())
+            fully_shard(block, mp_policy=mp)
+        fully_shard(transformer, mp_policy=mp)
     else:
         transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None)
     plan = memory_plan(num_params, world, args.strategy)
@@ -448,14 +450,14 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
 
-        # every rank's numbers, averaged; a non-finite loss stops all ranks before the weights change
+        # every rank's numbers, averaged; a non-finite loss or gradient stops all ranks before the weights change
         stats = torch.tensor(list(out.values()), dtype=torch.float64, device=device)
         dist.all_reduce(stats)
         stats = dict(zip(out, (stats / world).tolist()))
-        if not math.isfinite(stats["loss"]):
+        if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())):
             bar.close()
-            fail(f"loss is {stats['loss']} at step {step + 1}: stopped before the optimizer step; "
-                 f"last good checkpoint: {last_checkpoint}")
+            fail(f"loss is {stats['loss']} (gradient norm {grad_norm.item()}) at step {step + 1}: stopped before "
+                 f"the optimizer step; last good checkpoint: {last_checkpoint}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
