@@ -1,0 +1,206 @@
+"""Generate images with SRPO weights: diffusers' FluxPipeline with the release's inference settings, 1-N GPUs.
+
+CPU, the tiny random pipeline (no download; the settings only make it quick):
+    python sample.py --prompt "a cat on a red chair" --height 64 --width 64 --num-inference-steps 8
+One GPU, FLUX.1-dev with the SRPO transformer (a file train.py wrote, or the release's):
+    python sample.py --model black-forest-labs/FLUX.1-dev --weights srpo/diffusion_pytorch_model.safetensors \
+        --prompts prompts.txt --output-dir out/srpo
+8 GPUs, base and SRPO side by side (writes out/compare/base, out/compare/srpo and out/compare/compare.png):
+    torchrun --nproc_per_node=8 sample.py --model black-forest-labs/FLUX.1-dev --weights srpo/ \
+        --prompts prompts.txt --output-dir out/compare --compare
+
+Image i of the prompt list is made by FluxPipeline with a CPU torch.Generator seeded with seed + i, so it is
+the same whichever rank makes it and however many ranks there are. A rerun skips images already written, so a
+killed job resumes. Each folder gets NNNNN.png (prompt, seed and settings in the PNG text), prompts.jsonl
+(the same, one object per image, written when the folder is complete) and contact_sheet.png.
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from diffusers import FluxPipeline
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release write
+PIPE_ARGS = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
+SHEET_IMAGES = 16  # contact sheet: the first 16 images, 4 per row
+COMPARE_ROWS = 8   # compare.png: the first 8 prompts, base left, SRPO right
+THUMB = 512        # grid cells are shrunk to at most 512 px, so a grid of 1024 px images stays viewable
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="FluxPipeline folder or hub id, e.g. black-forest-labs/FLUX.1-dev "
+                                   "(default: the tiny random pipeline of tiny.py)")
+    p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it (default: none)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", help="a .txt file, one prompt per line, or a .json list of strings "
+                                           "(the format of HPDv2's benchmark prompt files)")
+    p.add_argument("--output-dir", default="out/samples", help="default: out/samples")
+    p.add_argument("--compare", action="store_true", help="render base and --weights into DIR/base, DIR/srpo "
+                                                          "with the same seeds, and DIR/compare.png")
+    # The release's inference settings (SPEC §5), named after FluxPipeline's arguments.
+    p.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX guidance, default 3.5")
+    p.add_argument("--num-inference-steps", type=int, default=50, help="default 50")
+    p.add_argument("--height", type=int, default=1024, help="a multiple of 16, default 1024")
+    p.add_argument("--width", type=int, default=1024, help="a multiple of 16, default 1024")
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens, default 512")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; default 0")
+    return p.parse_args(argv)
+
+
+def read_prompts(path):
+    """The prompt list of --prompts: a .json list of strings, else one prompt per non-blank line."""
+    what = "a .txt file with one prompt per line, or a .json list of strings"
+    if not os.path.isfile(path):
+        raise SystemExit(f"--prompts {path}: not found (expected {what})")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                prompts = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"--prompts {path}: not valid JSON ({e}; expected {what})") from None
+            if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+                raise SystemExit(f"--prompts {path}: expected a JSON list of strings")
+        else:
+            prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit(f"--prompts {path}: no prompts in it")
+    return prompts
+
+
+def check_weights(path, transformer):
+    """The --weights file; its keys and shapes must be the transformer's (only the header is read here,
+    so a bad file fails before any image is made)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise SystemExit(f"--weights {path}: not found (expected {WEIGHTS_NAME} or a folder holding it)")
+    try:
+        with safe_open(path, "pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"--weights {path}: not a safetensors file ({e})") from None
+    expected = {key: tuple(t.shape) for key, t in transformer.state_dict().items()}
+    for key in sorted(expected.keys() | shapes.keys()):
+        if key not in expected:
+            raise SystemExit(f"--weights {path}: {key} is not a key of this --model's transformer")
+        if shapes.get(key) != expected[key]:
+            raise SystemExit(f"--weights {path}: {key} is {shapes.get(key, 'missing')}, expected {expected[key]} "
+                             f"for this --model's transformer")
+    return path
+
+
+def render(pipe, records, out_dir, rank, world_size):
+    """Make this rank's share of the images (i = rank, rank + world_size, ...) that are not on disk yet.
+    Returns (rendered, skipped)."""
+    os.makedirs(out_dir, exist_ok=True)
+    todo, skipped = [], 0
+    for r in records[rank::world_size]:
+        path = os.path.join(out_dir, r["file"])
+        if os.path.exists(path):  # complete: images are only ever renamed into place
+            with Image.open(path) as im:
+                old = im.text
+            for key, value in r.items():
+                if old.get(key) != str(value):
+                    raise SystemExit(f"{path}: already made with {key}={old.get(key)!r}, this run has "
+                                     f"{value!r}; use another --output-dir for other settings")
+            skipped += 1
+        else:
+            todo.append(r)
+    for r in tqdm(todo, desc=out_dir, disable=rank != 0):
+        # a CPU generator: the same noise whatever the device (diffusers draws it on the CPU, then moves it)
+        generator = torch.Generator().manual_seed(r["seed"])
+        image = pipe(r["prompt"], generator=generator, **{k: r[k] for k in PIPE_ARGS}).images[0]
+        info = PngInfo()
+        for key, value in r.items():
+            info.add_text(key, str(value))
+        path = os.path.join(out_dir, r["file"])
+        image.save(path + ".tmp", format="PNG", pnginfo=info)
+        os.replace(path + ".tmp", path)  # atomic: a killed job never leaves a half image to be skipped
+    return len(todo), skipped
+
+
+def grid(paths, cols):
+    """The images at paths pasted in rows of cols, each shrunk to at most THUMB px."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    for im in images:
+        im.thumbnail((THUMB, THUMB))
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h), "white")
+    for j, im in enumerate(images):
+        sheet.paste(im, ((j % cols) * w, (j // cols) * h))
+    return sheet
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    for flag in ("height", "width"):
+        if getattr(args, flag) % 16:
+            raise SystemExit(f"--{flag} {getattr(args, flag)}: expected a multiple of 16 (FLUX packs 2x2 "
+                             f"patches of the 8x downsampled latent)")
+    if args.compare and not args.weights:
+        raise SystemExit("--compare: needs --weights, the SRPO weights to set beside the base model")
+    if args.model is None:
+        from tiny import tiny_model_paths
+        args.model = tiny_model_paths()[0]
+
+    # torchrun sets these; a plain `python sample.py` is rank 0 of 1
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:  # only so rank 0 can wait for the others before it writes prompts.jsonl and grids
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+    try:
+        pipe = FluxPipeline.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {args.model}: cannot load a FluxPipeline ({str(e).splitlines()[0]})") from None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)  # ours is over prompts
+    weights = check_weights(args.weights, pipe.transformer) if args.weights else None
+
+    passes = [(args.output_dir, weights)]
+    if args.compare:
+        passes = [(os.path.join(args.output_dir, "base"), None), (os.path.join(args.output_dir, "srpo"), weights)]
+    for out_dir, w in passes:
+        if w:  # strict: every key, each converted to the transformer's dtype on copy. Read straight onto the
+            # GPU: FLUX's 24 GB beside the pipeline on an 80 GB card, rather than 24 GB of CPU memory per rank
+            pipe.transformer.load_state_dict(load_file(w, device=str(device)), strict=True)
+        settings = {k: getattr(args, k) for k in PIPE_ARGS}
+        records = [dict(file=f"{i:05d}.png", prompt=p, seed=args.seed + i, **settings, model=args.model, weights=w)
+                   for i, p in enumerate(prompts)]
+        counts = torch.tensor(render(pipe, records, out_dir, rank, world_size), device=device)
+        if world_size > 1:
+            dist.all_reduce(counts)  # also waits until every rank has written its images
+        if rank == 0:
+            with open(os.path.join(out_dir, "prompts.jsonl.tmp"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            os.replace(os.path.join(out_dir, "prompts.jsonl.tmp"), os.path.join(out_dir, "prompts.jsonl"))
+            files = [os.path.join(out_dir, r["file"]) for r in records[:SHEET_IMAGES]]
+            grid(files, min(4, len(files))).save(os.path.join(out_dir, "contact_sheet.png"))
+            rendered, skipped = counts.tolist()
+            print(f"{out_dir}: {rendered} images rendered, {skipped} already there; "
+                  f"prompts.jsonl, contact_sheet.png written")
+    if args.compare and rank == 0:
+        pairs = [os.path.join(args.output_dir, sub, f"{i:05d}.png")
+                 for i in range(min(COMPARE_ROWS, len(prompts))) for sub in ("base", "srpo")]
+        grid(pairs, 2).save(os.path.join(args.output_dir, "compare.png"))
+        print(f"{os.path.join(args.output_dir, 'compare.png')}: base (left) and SRPO (right), same seeds")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Tests of sample.py and evaluate.py on the tiny random models: images against FluxPipeline called directly,
+1 rank against 2, scores against CLIPModel's own forward, the paired statistics against hand computation,
+and every bad input's one-line message. CPU only. Run: python -m pytest -q test_sample.py"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import sample
+
+PROMPTS = ["a red cat on a chair", "the sea at night — un café", "an old man with a dog"]  # non-Latin-1 too
+H, W, STEPS, MAX_LEN, SEED = 32, 48, 2, 32, 7  # not square, so a height/width swap shows
+ARGS = ["--height", str(H), "--width", str(W), "--num-inference-steps", str(STEPS), "--max-sequence-length",
+        str(MAX_LEN), "--seed", str(SEED)]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def start(script, *args):
+    """Start a script as a user would."""
+    return subprocess.Popen([sys.executable, script, *args], cwd=HERE, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(flux_dir, clip_dir), built once; sample.py and evaluate.py find them through $SRPO_TINY_DIR."""
+    from tiny import tiny_model_paths
+    old = os.environ.get("SRPO_TINY_DIR")
+    os.environ["SRPO_TINY_DIR"] = old or str(tmp_path_factory.mktemp("tiny"))
+    yield tiny_model_paths()
+    if old is None:
+        del os.environ["SRPO_TINY_DIR"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n\n", encoding="utf-8")  # a trailing blank line is no prompt
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def samples(tiny, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("samples")
+    sample.main(["--prompts", prompts_file, "--output-dir", str(out), *ARGS])
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tiny, tmp_path_factory):
+    """A checkpoint folder as train.py writes it: the tiny transformer, perturbed, stored bf16."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+    state = FluxTransformer2DModel.from_pretrained(os.path.join(tiny[0], "transformer")).state_dict()
+    g = torch.Generator().manual_seed(1)
+    state = {k: (v + 0.05 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in state.items()}
+    folder = tmp_path_factory.mktemp("run") / "checkpoint-1"
+    folder.mkdir()
+    save_file(state, str(folder / sample.WEIGHTS_NAME))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def compare(tiny, prompts_file, weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    sample.main(["--prompts", prompts_file, "--output-dir", str(out), "--weights", str(weights), "--compare",
+                 *ARGS])
+    return out
+
+
+def flux_images(flux_dir, weights=None):
+    """The pictures of FluxPipeline called directly: prompt i, a generator seeded SEED + i, the same arguments."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    if weights:
+        pipe.transformer.load_state_dict(load_file(weights))
+    return [np.asarray(pipe(p, height=H, width=W, num_inference_steps=STEPS, guidance_scale=3.5,
+                            max_sequence_length=MAX_LEN,
+                            generator=torch.Generator().manual_seed(SEED + i)).images[0])
+            for i, p in enumerate(PROMPTS)]
+
+
+# ---------------------------------------------------------------- sample.py
+
+def test_images_are_bit_identical_to_flux_pipeline(tiny, samples):
+    for i, expected in enumerate(flux_images(tiny[0])):
+        got = pixels(samples / f"{i:05d}.png")
+        assert got.shape == (H, W, 3) and np.array_equal(got, expected), i
+
+
+def test_png_text_and_prompts_jsonl_record_each_image(tiny, samples):
+    records = [json.loads(line) for line in (samples / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["file"] for r in records] == ["00000.png", "00001.png", "00002.png"]
+    for i, r in enumerate(records):
+        assert r == dict(file=f"{i:05d}.png", prompt=PROMPTS[i], seed=SEED + i, height=H, width=W,
+                         num_inference_steps=STEPS, guidance_scale=3.5, max_sequence_length=MAX_LEN, model=tiny[0],
+                         weights=None)
+        assert Image.open(samples / r["file"]).text == {k: str(v) for k, v in r.items()}
+    assert Image.open(samples / "contact_sheet.png").size == (3 * W, H)
+
+
+def test_two_ranks_make_the_same_images_as_one(tiny, samples, prompts_file, tmp_path):
+    out = tmp_path / "two"
+    # as many threads per rank as this process uses, so only the split of the prompts differs between the runs
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "sample.py",
+                        "--prompts", prompts_file, "--output-dir", str(out), *ARGS],
+                       capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "3 images rendered, 0 already there" in p.stdout  # summed over the ranks: each image made once
+    for name in ("00000.png", "00001.png", "00002.png", "contact_sheet.png"):
+        assert np.array_equal(pixels(out / name), pixels(samples / name)), name
+    assert (out / "prompts.jsonl").read_text() == (samples / "prompts.jsonl").read_text()
+
+
+def test_rerun_skips_existing_images_and_redoes_missing_ones(samples, prompts_file, capsys):
+    before = {name: os.stat(samples / name).st_mtime_ns for name in ("00000.png", "00002.png")}
+    first = pixels(samples / "00001.png")
+    os.remove(samples / "00001.png")
+    (samples / "00001.png.tmp").write_bytes(b"half an image from a killed job")
+    capsys.readouterr()
+    sample.main(["--prompts", prompts_file, "--output-dir", str(samples), *ARGS])
+    assert "1 images rendered, 2 already there" in capsys.readouterr().out
+    assert {name: os.stat(samples / name).st_mtime_ns for name in before} == before
+    assert np.array_equal(pixels(samples / "00001.png"), first) and not (samples / "00001.png.tmp").exists()
+
+
+def test_compare_renders_base_and_srpo_with_the_same_seeds_side_by_side(tiny, samples, weights, compare):
+    srpo = flux_images(tiny[0], weights / sample.WEIGHTS_NAME)
+    grid = pixels(compare / "compare.png")
+    assert grid.shape == (len(PROMPTS) * H, 2 * W, 3)
+    for i in range(len(PROMPTS)):
+        base = pixels(compare / "base" / f"{i:05d}.png")
+        assert np.array_equal(base, pixels(samples / f"{i:05d}.png"))  # the base pass is the plain run
+        assert np.array_equal(pixels(compare / "srpo" / f"{i:05d}.png"), srpo[i])
+        assert not np.array_equal(srpo[i], base)
+        assert np.array_equal(grid[i * H:(i + 1) * H, :W], base)
+        assert np.array_equal(grid[i * H:(i + 1) * H, W:], srpo[i])
+    weights_used = {json.loads(line)["weights"] for line in (compare / "srpo" / "prompts.jsonl").open()}
+    assert weights_used == {str(weights / sample.WEIGHTS_NAME)}
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+def reference_scores(clip_dir, folder):
+    """cos(f_img, f_txt) of each image of folder with its prompt, and exp(logit_scale), through CLIPModel's own
+    forward, with torchvision's loading and preprocessing."""
+    from torchvision import transforms as T
+    from torchvision.transforms.functional import pil_to_tensor
+    from transformers import AutoTokenizer, CLIPModel
+    model, tokenizer = CLIPModel.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir)
+    size = model.config.vision_config.image_size
+    prep = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size),
+                      T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    images = torch.stack([prep(pil_to_tensor(Image.open(folder / f"{i:05d}.png")) / 255.0)
+                          for i in range(len(PROMPTS))])
+    tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=images)
+    scale = model.logit_scale.exp()
+    return (out.logits_per_image / scale).diagonal(), scale
+
+
+def test_scores_equal_clip_forward_and_pairs_are_by_file(tiny, compare, tmp_path):
+    base, srpo = compare / "base", compare / "srpo"
+    out = tmp_path / "scores.json"
+    evaluate.main([str(base), str(srpo), "--reward", "hps", "pickscore", "clip", "--json", str(out)])
+    result = json.loads(out.read_text())
+    expected = {}
+    for folder in (base, srpo):
+        cos, scale = reference_scores(tiny[1], folder)
+        for kind, factor in (("hps", 1.0), ("pickscore", scale), ("clip", 1.0)):
+            expected[kind, str(folder)] = cos * factor
+    for kind, folder in expected:
+        got = torch.tensor([r["score"] for r in result["per_image"]
+                            if (r["reward"], r["folder"]) == (kind, folder)])
+        assert torch.allclose(got, expected[kind, folder], atol=1e-5), kind
+        s = [s for s in result["summary"] if (s["reward"], s["folder"]) == (kind, folder)]
+        assert s[0]["n"] == 3 and s[0]["mean"] == pytest.approx(got.mean().item(), abs=1e-6)
+        assert s[0]["std"] == pytest.approx(got.double().std(correction=0).item(), abs=1e-6)
+    for p in result["paired"]:
+        d = expected[p["reward"], str(srpo)] - expected[p["reward"], str(base)]
+        assert p["n"] == 3 and p["mean_diff"] == pytest.approx(d.mean().item(), abs=1e-5)
+        assert p["win_rate"] == pytest.approx((d > 0).float().mean().item())
+        assert p["ci95"][0] <= p["mean_diff"] <= p["ci95"][1]
+    assert result["reward_paths"]["hps"]["path"] == tiny[1]
+    # The same numbers through srpo_reward.load_reward when the path is given.
+    evaluate.main([str(base), "--reward", "clip", "pickscore", "--reward-path", tiny[1], tiny[1],
+                   "--json", str(out)])
+    for r in json.loads(out.read_text())["per_image"]:
+        assert r["score"] == pytest.approx(expected[r["reward"], str(base)][int(r["file"][:5])].item(), abs=1e-5)
+
+
+def test_paired_stats_on_hand_made_numbers():
+    win_rate, mean_diff, _ = evaluate.paired_stats([1.0, -1.0, 2.0, 0.0])
+    assert win_rate == 0.625 and mean_diff == 0.5  # (2 wins + half a tie) / 4
+    assert evaluate.paired_stats([0.3] * 5)[2] == pytest.approx((0.3, 0.3))  # no spread, no interval
+    # d = (0, 1): a resample's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so the 2.5% and 97.5%
+    # percentiles are exactly 0 and 1.
+    assert evaluate.paired_stats([0.0, 1.0]) == (0.75, 0.5, (0.0, 1.0))  # win rate: (1 win + half a tie) / 2
+    # Many normal differences: the interval is mean +- 1.96 sd / sqrt(n), to within Monte Carlo error.
+    d = 1 + torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, mean_diff, (lo, hi) = evaluate.paired_stats(d)
+    half = 1.96 * d.std().item() / 20
+    assert lo == pytest.approx(mean_diff - half, abs=0.1 * half)
+    assert hi == pytest.approx(mean_diff + half, abs=0.1 * half)
+    assert evaluate.paired_stats(d) == evaluate.paired_stats(d)  # fixed seed
+
+
+# ---------------------------------------------------------------- bad input: one line naming the flag or file
+
+def one_line_error(main, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value.code)
+    assert isinstance(e.value.code, str) and "\n" not in message, message
+    return message
+
+
+def test_sample_bad_inputs_give_one_line_errors(tiny, samples, weights, prompts_file, tmp_path):
+    def error(*argv):  # argv after ARGS, so it may override them
+        return one_line_error(sample.main, [*ARGS, *argv])
+    out = ["--output-dir", str(tmp_path / "out")]
+    assert error("--prompts", str(tmp_path / "nope.txt"), *out).startswith(
+        f"--prompts {tmp_path}/nope.txt: not found")
+    (tmp_path / "dict.json").write_text('{"a": "a cat"}')
+    assert "expected a JSON list of strings" in error("--prompts", str(tmp_path / "dict.json"), *out)
+    (tmp_path / "broken.json").write_text('["a cat"')
+    assert "not valid JSON" in error("--prompts", str(tmp_path / "broken.json"), *out)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert error("--prompts", str(tmp_path / "empty.txt"), *out).endswith("no prompts in it")
+    assert error("--prompt", "a cat", "--compare", *out).startswith("--compare: needs --weights")
+    assert error("--prompt", "a cat", "--model", str(tmp_path), *out).startswith(f"--model {tmp_path}: cannot load")
+    assert error("--prompt", "a cat", "--height", "40", *out).startswith("--height 40: expected a multiple of 16")
+    assert error("--prompt", "a", "--weights", str(tmp_path), *out) == (
+        f"--weights {tmp_path}/{sample.WEIGHTS_NAME}: not found (expected {sample.WEIGHTS_NAME} or a folder "
+        "holding it)")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    assert "not a safetensors file" in error("--prompt", "a", "--weights", str(tmp_path / "junk.safetensors"), *out)
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(weights / sample.WEIGHTS_NAME))
+    key = sorted(state)[0]
+    for change, expected in ((lambda s: s.pop(key), f"{key} is missing, expected"),
+                             (lambda s: s.update({key: s[key][:1]}),
+                              f"{key} is {tuple(state[key][:1].shape)}, expected {tuple(state[key].shape)}"),
+                             (lambda s: s.update({"extra.weight": torch.zeros(2)}), "extra.weight is not a key")):
+        bad = dict(state)
+        change(bad)
+        save_file(bad, str(tmp_path / "bad.safetensors"))
+        msg = error("--prompt", "a", "--weights", str(tmp_path / "bad.safetensors"), *out)
+        assert msg.startswith(f"--weights {tmp_path}/bad.safetensors: {expected}"), msg
+    assert not (tmp_path / "out").exists()  # every check ran before any image was made
+    msg = error("--prompts", prompts_file, "--output-dir", str(samples), "--seed", "8")
+    assert msg == f"{samples}/00000.png: already made with seed='7', this run has 8; use another --output-dir " \
+                  "for other settings"
+
+
+def test_evaluate_bad_inputs_give_one_line_errors(tiny, samples, compare, tmp_path):
+    def error(*argv):
+        return one_line_error(evaluate.main, list(argv))
+    assert error(str(tmp_path)) == (f"{tmp_path}/prompts.jsonl: not found (expected the prompts.jsonl that "
+                                    f"sample.py writes beside its images)")
+    (tmp_path / "prompts.jsonl").write_text('{"file": "00000.png", "prompt": "a cat"}\n["not", "an object"]\n')
+    assert error(str(tmp_path)) == f"{tmp_path}/prompts.jsonl:2: expected a JSON object with 'file' and 'prompt'"
+    (tmp_path / "prompts.jsonl").write_text('{"file": "00000.png", "prompt": "a cat"}\n')
+    (tmp_path / "00000.png").write_bytes(b"\x89PNG but cut short")
+    assert error(str(tmp_path)).startswith(f"{tmp_path}/00000.png: cannot open as an image")
+    assert error(str(samples), "--reward", "hps", "--reward-path", str(tmp_path / "HPS_v2.1_compressed.pt")) == \
+        f"--reward-path for hps: {tmp_path}/HPS_v2.1_compressed.pt: not found (expected HPS_v2.1_compressed.pt, " \
+        "the HPSv2.1 checkpoint)"
+    assert error(str(samples), "--reward", "hps", "clip", "--reward-path", tiny[1]).startswith(
+        "--reward-path: got 1 for --reward hps clip; expected one per --reward in the same order")
+    assert error(str(samples), "--reward", "clip", "clip") == "--reward clip clip: each reward at most once"
+    (tmp_path / "prompts.jsonl").write_text('{"file": "99999.png", "prompt": "a cat"}\n')
+    assert error(str(samples), str(tmp_path)).startswith(f"{samples} and {tmp_path}: no image file name in both")
+    (tmp_path / "prompts.jsonl").write_text('{"file": "00000.png", "prompt": "a dog"}\n')
+    assert error(str(samples), str(tmp_path)).startswith(f"00000.png: its prompt differs between {samples} and")
+    assert error(str(samples), str(samples), str(samples)).startswith("DIR: got 3 folders")
+
+
+def test_errors_from_the_command_line_are_one_line_without_traceback(tiny, tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    procs = [start("sample.py", "--prompt", "a cat", "--weights", str(tmp_path / "junk.safetensors"),
+                   "--output-dir", str(tmp_path / "out"), *ARGS),
+             start("evaluate.py", str(tmp_path))]  # both at once: most of their time is importing torch
+    for p, expected in zip(procs, (f"--weights {tmp_path}/junk.safetensors: not a safetensors file",
+                                   f"{tmp_path}/prompts.jsonl: not found")):
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode != 0 and "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1].startswith(expected), stderr
