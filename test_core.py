@@ -309,7 +309,8 @@ FAST = ["--rollout-steps", "3", "--resolution", "32", "--sample-every", "0", "--
 
 
 def run_train(*args, nproc=1):
-    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    # --standalone: a free port of its own, so runs beside other torchrun jobs do not collide on 29500
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     return subprocess.run([sys.executable, *launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
@@ -322,13 +323,13 @@ def dcp_state(checkpoint):
         return torch.load(os.path.join(d, "state.pt"), weights_only=False)
 
 
-def test_fsdp_and_ddp_agree_and_the_checkpoint_loads_into_flux_pipeline(tmp_path):
+def test_fsdp_and_ddp_with_checkpointing_agree_and_the_checkpoint_loads_into_flux_pipeline(tmp_path):
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from safetensors.torch import load_file
     from tiny import tiny_model_paths
-    for strategy in ("fsdp", "ddp"):
-        done = run_train("--strategy", strategy, "--output-dir", str(tmp_path / strategy), "--steps", "2",
-                         "--lr", "1e-3", *FAST, "--sample-every", "2", nproc=2)
+    for strategy, checkpointing in (("fsdp", "--no-gradient-checkpointing"), ("ddp", "--gradient-checkpointing")):
+        done = run_train("--strategy", strategy, checkpointing, "--output-dir", str(tmp_path / strategy), "--steps",
+                         "2", "--lr", "1e-3", *FAST, "--sample-every", "2", nproc=2)
         assert done.returncode == 0, done.stderr[-12000:]
     fsdp, ddp = (dcp_state(tmp_path / s / "checkpoint-2") for s in ("fsdp", "ddp"))
     start = FluxTransformer2DModel.from_pretrained(tiny_model_paths()[0], subfolder="transformer").state_dict()
