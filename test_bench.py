@@ -1,0 +1,111 @@
+"""Tests of bench.py: the memory plan's arithmetic against parameters counted by hand and by summing real models,
+and one --quick run's JSON (not its speed). Run: python -m pytest -q test_bench.py"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+import bench
+import train
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
+TINY = dict(bench.FLUX_DEV, num_layers=2, num_single_layers=3, num_attention_heads=2, attention_head_dim=16,
+            joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=bench.rope_axes(16))
+
+
+def flux_params_by_hand(c):
+    """FLUX's parameters from its config, layer by layer (width D, 64 input channels, patch 1):
+    double block: AdaLN-Zero x2 (6D^2+6D each), q k v + added q k v + two outputs (8 (D^2+D)), four RMSNorms of
+    head_dim, two MLPs D->4D->D (8D^2+5D each); single block: AdaLN (3D^2+3D), q k v (3D^2+3D), MLP in (4D^2+4D),
+    out (5D^2+D), two RMSNorms; the rest: x, context, timestep, guidance, pooled-text embedders, the final AdaLN
+    (2D^2+2D) and the output projection (64D+64)."""
+    D, d = c["num_attention_heads"] * c["attention_head_dim"], c["attention_head_dim"]
+    double = 36 * D * D + 30 * D + 4 * d
+    single = 15 * D * D + 11 * D + 2 * d
+    rest = 5 * D * D + (650 + c["joint_attention_dim"] + c["pooled_projection_dim"]) * D + 64
+    return c["num_layers"] * double + c["num_single_layers"] * single + rest, double, single
+
+
+def test_rope_axes_give_flux_dev_split_and_sum_to_the_head_dim():
+    assert bench.rope_axes(128) == bench.FLUX_DEV["axes_dims_rope"] == (16, 56, 56)
+    for d in range(8, 258, 2):
+        axes = bench.rope_axes(d)
+        assert sum(axes) == d and all(a > 0 and a % 2 == 0 for a in axes), d
+
+
+def test_param_counts_on_meta_equal_real_models_and_the_hand_count():
+    real = FluxTransformer2DModel(**TINY)
+    counted = sum(p.numel() for p in real.parameters())
+    assert bench.count_params(lambda: FluxTransformer2DModel(**TINY)) == counted == flux_params_by_hand(TINY)[0]
+    flux_dev = bench.count_params(lambda: FluxTransformer2DModel(**bench.FLUX_DEV))
+    assert isinstance(flux_dev, int) and flux_dev == flux_params_by_hand(bench.FLUX_DEV)[0] == 11_901_408_320
+
+
+def test_memory_plan_arithmetic_on_a_tiny_config():
+    model = FluxTransformer2DModel(**TINY)
+    n = sum(p.numel() for p in model.parameters())
+    blocks = [sum(p.numel() for p in b.parameters()) for b in [*model.transformer_blocks,
+                                                                  *model.single_transformer_blocks]]
+    _, double, single = flux_params_by_hand(TINY)
+    assert blocks == [double] * 2 + [single] * 3
+    acts = dict(transformer=1000, transformer_checkpointed=100, vae_decode=10, reward=1)
+    for world in (1, 8, 32):
+        fsdp, ddp = (bench.rank_memory(n, world, s, blocks, 7, acts) for s in ("fsdp", "ddp"))
+        assert fsdp["weights"] == fsdp["grads"] == 4 * n / world and fsdp["optimizer"] == 8 * n / world
+        assert ddp["weights"] == ddp["grads"] == 4 * n and ddp["optimizer"] == 8 * n  # DDP: full copies everywhere
+        assert fsdp["train_memory_plan_total"] == train.memory_plan(n, world, "fsdp")["total"]  # what train.py prints
+        rest = n - 2 * double - 3 * single
+        assert fsdp["compute_copies"] == 2 * (2 * double + rest) + 6 * double and ddp["compute_copies"] == 6 * n
+        assert fsdp["total"] == 16 * n / world + fsdp["compute_copies"] + 7 + 1011
+        assert fsdp["total_checkpointed"] == 16 * n / world + fsdp["compute_copies"] + 7 + 111
+        assert ddp["total"] == 22 * n + 7 + 1011 and fsdp["fits_80gb"] and ddp["fits_80gb_checkpointed"]
+
+
+def test_saved_bytes_counts_each_activation_once_and_no_weights():
+    linear = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    # each addmm keeps x (for the weight's gradient) and a view of the weight (skipped); relu keeps its 3x4
+    # output: x is saved twice and counted once, the weight never.
+    out = bench.saved_bytes(lambda: torch.relu(linear(x)) + linear(x), linear)
+    assert out == {"other": (3 * 8 + 3 * 4) * 4}
+
+
+def test_flags_are_checked_in_one_line(capsys):
+    for argv, flag in ((["--resolution", "30"], "--resolution"), (["--draft-k", "30"], "--draft-k"),
+                       (["--threads", "0"], "--repeats"),
+                       (["--sigmas", "1.0"], "--sigmas"), (["--head-dim", "7"], "--head-dim")):
+        with pytest.raises(SystemExit) as e:
+            bench.check_args(bench.parse_args(argv))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: {flag}") and "\n" not in err
+
+
+def test_quick_run_writes_every_table_and_the_json(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--draft-k", "1", "3", "--json",
+                           str(tmp_path / "bench.json"), "--plot", str(tmp_path / "plot.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-8000:]
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "| method |", "| sigma |", "| part |", "| GPUs |"):
+        assert heading in done.stdout
+    result = json.load(open(tmp_path / "bench.json"))
+    steps = result["steps"]
+    assert [(s["method"], s["k"]) for s in steps] == [("direct_align", 1), ("direct_align_both", 2), ("refl", 1),
+                                                      ("draft", 1), ("draft", 3)]
+    assert all(s["time_s"] > 0 and s["peak_mem_mb"] > 0 and len(s["times_s"]) == 1 for s in steps)
+    assert steps[0]["time_ratio"] == 1
+    assert len(result["stability"]) == 10 and all(r["grad_v_one_step"] > 0 for r in result["stability"])
+    assert result["overhead"]["ratio"] > 0 and len(result["overhead"]["parts_s"]) == 5
+    plan = result["memory_plan"]
+    assert plan["params"] == 11_901_408_320
+    assert {(p["world_size"], p["strategy"]) for p in plan["plans"]} == {(w, s) for w in (1, 8, 16, 32)
+                                                                        for s in ("fsdp", "ddp")}
+    for p in plan["plans"]:
+        shard = p["world_size"] if p["strategy"] == "fsdp" else 1
+        assert p["weights"] == 4 * plan["params"] / shard and p["optimizer"] == 8 * plan["params"] / shard
+        assert p["total_checkpointed"] < p["total"]
