@@ -515,24 +515,24 @@ def activation_estimate():
 
 def rank_memory(num_params, world_size, strategy, block_params, frozen_bytes, activations):
     """Bytes per rank: train.memory_plan's fp32 weights, grads and AdamW states (the numbers train.py prints at
-    start), plus what a training step adds (SPEC §5):
-      compute copies: FSDP all-gathers bf16 weights block by block, two blocks at once (prefetch) and the root
-        module's for the whole step, and holds one block's unsharded grads in bf16 and, for the reduce-scatter,
-        in fp32; DDP's autocast keeps a bf16 copy of every weight through the step, and its gradient buckets a
-        second fp32 copy of the grads (train.py does not pass gradient_as_bucket_view=True);
-      frozen: the fp32 VAE and reward model, and the cached text embeddings (no text encoder while training);
-      activations: one branch at a time (srpo_step runs backward per branch)."""
+    start), plus the larger of what the two phases of a step add on top (SPEC §5):
+      training: compute copies (FSDP all-gathers bf16 weights block by block, two blocks at once (prefetch) and
+        the root module's for the whole step, and holds one block's unsharded grads in bf16 and, for the
+        reduce-scatter, in fp32; DDP's autocast keeps a bf16 copy of every weight through the step, and
+        gradient_as_bucket_view spares a second copy of the grads) and activations, one branch at a time;
+      rollout: no activations, but every block's bf16 weights stay gathered for its 25 steps (train.rollout);
+      frozen, both phases: the fp32 VAE and reward model and the cached text embeddings (no text encoder)."""
     row = dict(world_size=world_size, strategy=strategy, **train.memory_plan(num_params, world_size, strategy))
     row["train_memory_plan_total"] = row.pop("total")
     largest, root = max(block_params), num_params - sum(block_params)
-    row["compute_copies"] = 2 * (2 * largest + root) + (2 + 4) * largest if strategy == "fsdp" \
-        else (2 + 4) * num_params
+    row["compute_copies"] = 2 * (2 * largest + root) + (2 + 4) * largest if strategy == "fsdp" else 2 * num_params
+    row["rollout_copies"] = 2 * num_params
     row["frozen"] = frozen_bytes
     for suffix in ("", "_checkpointed"):
         row[f"activations{suffix}"] = activations[f"transformer{suffix}"] + activations["vae_decode"] \
             + activations["reward"]
-        row[f"total{suffix}"] = row["train_memory_plan_total"] + row["compute_copies"] + frozen_bytes \
-            + row[f"activations{suffix}"]
+        row[f"total{suffix}"] = row["train_memory_plan_total"] + frozen_bytes \
+            + max(row["compute_copies"] + row[f"activations{suffix}"], row["rollout_copies"])
         row[f"fits_80gb{suffix}"] = row[f"total{suffix}"] <= USABLE * GPU_BYTES
     return row
 
@@ -638,6 +638,8 @@ def main(argv=None):
               f"activations at {PLAN_RESOLUTION}x{PLAN_RESOLUTION} (estimate, see activation_estimate): transformer "
               f"{gib(act['transformer'])}, checkpointed {gib(act['transformer_checkpointed'])}; VAE decode "
               f"{gib(act['vae_decode'])}; reward {gib(act['reward'])}. Fits: at most {USABLE:.0%} of 80 GiB.\n")
+        print("total = weights + grads + AdamW + frozen + the larger of (bf16 copies + activations) while training "
+              "and (all bf16 weights) while rolling out.\n")
         table(["GPUs", "strategy", "weights", "grads", "AdamW", "bf16 copies", "VAE, reward, text emb.", "activations",
                "total", "fits 80 GB", "activations, ckpt", "total, ckpt", "fits 80 GB, ckpt"],
               [[r["world_size"], r["strategy"], gib(r["weights"]), gib(r["grads"]), gib(r["optimizer"]),
