@@ -305,6 +305,7 @@ import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
+os.environ["SRPO_TOY_DIR"] = tempfile.mkdtemp(prefix="srpo-no-toy-")  # a toy world built here must not change a test
 FAST = ["--rollout-steps", "3", "--resolution", "32", "--sample-every", "0", "--max-sequence-length", "32"]
 
 
@@ -489,3 +490,16 @@ def test_bad_input_prints_no_traceback():
     done = run_train("--resolution", "100")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == "error: --resolution 100: must be a multiple of 16 (8x VAE, then 2x2 patches)"
+
+
+def test_without_model_a_built_toy_world_is_used(tmp_path, monkeypatch):
+    import toy
+    world = {"flux": "/toy/flux", "reward": "/toy/reward", "train_prompts": "/toy/prompts.txt",
+             "max_sequence_length": 16}
+    monkeypatch.setattr(toy, "toy_model_paths", lambda: world)
+    args = train.parse_args([])
+    assert train.use_toy_world(args) == world
+    assert (args.model, args.reward_path, args.prompts, args.max_sequence_length) == (
+        "/toy/flux", "/toy/reward", "/toy/prompts.txt", 16)
+    args = train.parse_args(["--model", str(tmp_path)])  # an explicit --model always wins
+    assert train.use_toy_world(args) is None and args.max_sequence_length == 512

@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # models and data
-    a("--model", help="diffusers FLUX pipeline folder (FLUX.1-dev layout); default: tiny random models")
+    a("--model", help="diffusers FLUX pipeline folder (FLUX.1-dev layout); default: toy.py's world if built, "
+                      "else tiny random models")
     a("--reward", default="hps", choices=KINDS, help="reward model kind (SPEC §4)")
     a("--reward-path", help="HPS_v2.1_compressed.pt, or a PickScore / CLIP folder; default: a tiny CLIP")
     a("--clip-h", help="laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder: HPS's config and tokenizer")
@@ -81,7 +82,7 @@ def parse_args(argv=None):
     a("--threshold", type=float, default=0.7, help="loss = relu(threshold - reward)")
     a("--branches", default="both", choices=("both", "denoise", "inversion"),
       help="denoise alone shows reward hacking, the release's README suggests, for comparison")
-    a("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    a("--max-sequence-length", type=int, help="T5 tokens; default 512 (16 in the toy world)")
     # optimization (SPEC §5)
     a("--steps", type=int, default=20, help="optimizer steps (the release: about 20 on 32 GPUs)")
     a("--lr", type=float, default=5e-6)
@@ -357,8 +358,21 @@ def save_samples(transformer, vae, noise, cond, caption, path, args, rank, world
 
 # ----------------------------------------------------------------------------------------- the run
 
+def use_toy_world(args):
+    """No --model: toy.py's trained world (model, reward, prompts, its text length) if it is built."""
+    from toy import toy_model_paths
+    world = None if args.model else toy_model_paths()
+    if world:
+        args.model, args.reward_path = world["flux"], args.reward_path or world["reward"]
+        args.prompts = args.prompts or world["train_prompts"]
+        args.max_sequence_length = args.max_sequence_length or world["max_sequence_length"]
+    args.max_sequence_length = args.max_sequence_length or 512
+    return world
+
+
 def main(argv=None):
     args = parse_args(argv)
+    toy_world = use_toy_world(args)
     check_inputs(args)
     captions, image_paths = read_data(args)
 
@@ -376,14 +390,17 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # SPEC §5; the draws that matter use rng(...) below
     say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
 
-    # models: the real ones, or tiny random ones written once and loaded through the same from_pretrained
+    # models: the real ones, toy.py's, or tiny random ones written once and loaded through the same from_pretrained
+    if toy_world:
+        say(f"toy world: {args.model} (FLUX), {args.reward_path} (reward), prompts {args.prompts}")
     if not args.model:
         from tiny import tiny_model_paths
         if master:
             tiny_model_paths()  # rank 0 builds, the others then find them
         dist.barrier()
         tiny_flux, tiny_clip = tiny_model_paths()
-        say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
+        say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward); `python toy.py build` trains a toy "
+            f"world (~6 min on 2 cores) that runs then take instead")
         args.model = args.model or tiny_flux
         args.reward_path = args.reward_path or tiny_clip
     try:
