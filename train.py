@@ -176,7 +176,8 @@ def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, d
     """FLUX conditioning of each prompt: T5 sequence and CLIP pooled embeddings (SPEC §5). They depend only
     on the caption, so they are computed once, cached as safetensors, and the text encoders are freed."""
     def path(prompt):
-        key = f"{os.path.abspath(model_dir)}|{max_sequence_length}|{prompt}"
+        stamp = os.path.getmtime(os.path.join(model_dir, "model_index.json"))  # a model rebuilt in place: new keys
+        key = f"{os.path.abspath(model_dir)}|{stamp}|{max_sequence_length}|{prompt}"
         return os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
     todo = [p for p in dict.fromkeys(prompts) if not os.path.isfile(path(p))]
     if todo:
