@@ -78,14 +78,20 @@ def load_images(paths):
 
 
 def load_rewards(kinds, paths, clip_h, device):
-    """{kind: (SRPReward, what was loaded)}; with no paths, the tiny random CLIP of tiny.py for every kind, as in
-    train.py."""
+    """{kind: (SRPReward, what was loaded)}; with no paths, toy.py's world if built, else the tiny random CLIP
+    of tiny.py for every kind."""
     if paths and len(paths) != len(kinds):
         raise SystemExit(f"--reward-path: got {len(paths)} for --reward {' '.join(kinds)}; expected one per "
                          f"--reward in the same order, or none (the tiny reward)")
-    if not paths:
-        from tiny import tiny_model_paths
-        paths, clip_h = [tiny_model_paths()[1]] * len(kinds), None
+    if not paths:  # toy.py's world once built (its reward for hps, its held-out judge otherwise), else tiny.py's
+        from toy import toy_model_paths
+        world = toy_model_paths()
+        if world:
+            paths = [world["reward"] if kind == "hps" else world["judge"] for kind in kinds]
+        else:
+            from tiny import tiny_model_paths
+            paths = [tiny_model_paths()[1]] * len(kinds)
+        clip_h = None
     rewards = {}
     for kind, path in zip(kinds, paths):
         tokenizer_dir = clip_h if kind != "clip" else None  # CLIP-H's tokenizer is HPSv2.1's and PickScore's

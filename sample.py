@@ -38,7 +38,7 @@ THUMB = 512        # grid cells are shrunk to at most 512 px, so a grid of 1024 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="FluxPipeline folder or hub id, e.g. black-forest-labs/FLUX.1-dev "
-                                   "(default: the tiny random pipeline of tiny.py)")
+                                   "(default: toy.py's world if built, else the tiny random pipeline of tiny.py)")
     p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it (default: none)")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
@@ -50,9 +50,9 @@ def parse_args(argv=None):
     # The release's inference settings (SPEC §5), named after FluxPipeline's arguments.
     p.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX guidance, default 3.5")
     p.add_argument("--num-inference-steps", type=int, default=50, help="default 50")
-    p.add_argument("--height", type=int, default=1024, help="a multiple of 16, default 1024")
-    p.add_argument("--width", type=int, default=1024, help="a multiple of 16, default 1024")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens, default 512")
+    p.add_argument("--height", type=int, help="a multiple of 16, default 1024 (the toy world: 64)")
+    p.add_argument("--width", type=int, help="a multiple of 16, default 1024 (the toy world: 64)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens, default 512 (the toy world: 16)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; default 0")
     return p.parse_args(argv)
 
@@ -144,15 +144,26 @@ def grid(paths, cols):
 def main(argv=None):
     args = parse_args(argv)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    defaults = dict(height=1024, width=1024, max_sequence_length=512)
+    if args.model is None:  # toy.py's trained world once built, else the tiny random pipeline
+        from toy import toy_model_paths
+        world = toy_model_paths()
+        if world:
+            defaults = dict(height=world["resolution"], width=world["resolution"],
+                            max_sequence_length=world["max_sequence_length"])
+        else:
+            from tiny import tiny_model_paths
+            world = {"flux": tiny_model_paths()[0]}
+        args.model = world["flux"]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for flag in ("height", "width"):
         if getattr(args, flag) % 16:
             raise SystemExit(f"--{flag} {getattr(args, flag)}: expected a multiple of 16 (FLUX packs 2x2 "
                              f"patches of the 8x downsampled latent)")
     if args.compare and not args.weights:
         raise SystemExit("--compare: needs --weights, the SRPO weights to set beside the base model")
-    if args.model is None:
-        from tiny import tiny_model_paths
-        args.model = tiny_model_paths()[0]
 
     # torchrun sets these; a plain `python sample.py` is rank 0 of 1
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -20,6 +20,9 @@ ARGS = ["--height", str(H), "--width", str(W), "--num-inference-steps", str(STEP
         str(MAX_LEN), "--seed", str(SEED)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+import tempfile  # noqa: E402
+os.environ["SRPO_TOY_DIR"] = tempfile.mkdtemp(prefix="srpo-no-toy-")  # a toy world built here must not change a test
+
 
 def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"))
