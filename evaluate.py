@@ -9,7 +9,7 @@ The real reward models, one --reward-path per --reward, in the same order:
         --clip-h CLIP-ViT-H-14-laion2B-s32B-b79K --json out/compare/scores.json
 
 Each folder needs the prompts.jsonl that sample.py writes; the score of an image is srpo_reward.py's plain
-score (SPEC §4) of the image and its prompt. Two folders are paired by file name (sample.py names image i
+score (METHOD.md §4) of the image and its prompt. Two folders are paired by file name (sample.py names image i
 of the prompt list NNNNN.png and gives it seed + i in both folders), and the pairs must share the prompt:
     d_i = score(DIR2 image i) - score(DIR1 image i)
     win rate = mean(d_i > 0) + 0.5 * mean(d_i == 0)         (a tie counts half)
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inputs import fail
 from srpo_reward import KINDS, load_reward
 
 RESAMPLES = 10_000  # bootstrap resamples: enough that the ends' Monte Carlo error is about 1% of the width
@@ -47,7 +48,7 @@ def read_records(folder):
     """The objects of folder/prompts.jsonl, one per image, each with at least 'file' and 'prompt'."""
     path = os.path.join(folder, "prompts.jsonl")
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: not found (expected the prompts.jsonl that sample.py writes beside its images)")
+        fail(f"{path}: not found (expected the prompts.jsonl that sample.py writes beside its images)")
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -56,10 +57,10 @@ def read_records(folder):
             except json.JSONDecodeError:
                 r = None
             if not (isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("prompt"), str)):
-                raise SystemExit(f"{path}:{n}: expected a JSON object with 'file' and 'prompt'")
+                fail(f"{path}:{n}: expected a JSON object with 'file' and 'prompt'")
             records.append(r)
     if not records:
-        raise SystemExit(f"{path}: no images listed")
+        fail(f"{path}: no images listed")
     return records
 
 
@@ -71,41 +72,34 @@ def load_images(paths):
             with Image.open(path) as im:
                 images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
         except OSError as e:
-            raise SystemExit(f"{path}: cannot open as an image ({e})") from None
+            fail(f"{path}: cannot open as an image ({e})")
     if len({im.shape for im in images}) > 1:
-        raise SystemExit(f"{os.path.dirname(paths[0])}: images of different sizes; expected one sample.py run")
+        fail(f"{os.path.dirname(paths[0])}: images of different sizes; expected one sample.py run")
     return torch.stack(images).float() / 255
 
 
 def load_rewards(kinds, paths, clip_h, device):
-    """{kind: (SRPReward, what was loaded)}; with no paths, toy.py's world if built, else the tiny random CLIP
-    of tiny.py for every kind."""
+    """{kind: (SRPReward, what was loaded)}; with no paths, the tiny random CLIP of tiny.py for every kind."""
     if paths and len(paths) != len(kinds):
-        raise SystemExit(f"--reward-path: got {len(paths)} for --reward {' '.join(kinds)}; expected one per "
-                         f"--reward in the same order, or none (the tiny reward)")
-    if not paths:  # toy.py's world once built (its reward for hps, its held-out judge otherwise), else tiny.py's
-        from toy import toy_model_paths
-        world = toy_model_paths()
-        if world:
-            paths = [world["reward"] if kind == "hps" else world["judge"] for kind in kinds]
-        else:
-            from tiny import tiny_model_paths
-            paths = [tiny_model_paths()[1]] * len(kinds)
-        clip_h = None
+        fail(f"--reward-path: got {len(paths)} for --reward {' '.join(kinds)}; expected one per "
+             f"--reward in the same order, or none (the tiny reward)")
+    if not paths:  # the tiny random CLIP for every kind
+        from tiny import tiny_model_paths
+        paths, clip_h = [tiny_model_paths()[1]] * len(kinds), None
     rewards = {}
     for kind, path in zip(kinds, paths):
         tokenizer_dir = clip_h if kind != "clip" else None  # CLIP-H's tokenizer is HPSv2.1's and PickScore's
         try:
             reward = load_reward(kind, path, tokenizer_dir, device=device)
         except (OSError, ValueError) as e:  # srpo_reward's are one line; a tokenizer's may be several
-            raise SystemExit(f"--reward-path for {kind}: {str(e).splitlines()[0]}") from None
+            fail(f"--reward-path for {kind}: {str(e).splitlines()[0]}")
         rewards[kind] = reward, {"path": path, "clip_h": tokenizer_dir}
     return rewards
 
 
 @torch.no_grad()
 def score_folder(reward, folder, records, batch_size):
-    """srpo_reward's plain score of each image with its prompt, in the order of records (SPEC §4)."""
+    """srpo_reward's plain score of each image with its prompt, in the order of records (METHOD.md §4)."""
     scores = []
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
@@ -129,20 +123,20 @@ def paired_stats(d, resamples=RESAMPLES, seed=0):
 def main(argv=None):
     args = parse_args(argv)
     if len(args.dirs) > 2:
-        raise SystemExit(f"DIR: got {len(args.dirs)} folders; expected one, or two (base, then SRPO)")
+        fail(f"DIR: got {len(args.dirs)} folders; expected one, or two (base, then SRPO)")
     if len(set(args.reward)) != len(args.reward):
-        raise SystemExit(f"--reward {' '.join(args.reward)}: each reward at most once")
+        fail(f"--reward {' '.join(args.reward)}: each reward at most once")
     records = {folder: read_records(folder) for folder in args.dirs}
     if len(args.dirs) == 2:  # pairs by file name; checked before any model is loaded
         first, second = ({r["file"]: r for r in records[f]} for f in args.dirs)
         files = sorted(first.keys() & second.keys())
         if not files:
-            raise SystemExit(f"{args.dirs[0]} and {args.dirs[1]}: no image file name in both; expected two "
-                             f"sample.py runs of one prompt list")
+            fail(f"{args.dirs[0]} and {args.dirs[1]}: no image file name in both; expected two "
+                 f"sample.py runs of one prompt list")
         for file in files:
             if first[file]["prompt"] != second[file]["prompt"]:
-                raise SystemExit(f"{file}: its prompt differs between {args.dirs[0]} and {args.dirs[1]}; expected "
-                                 f"two sample.py runs of one prompt list")
+                fail(f"{file}: its prompt differs between {args.dirs[0]} and {args.dirs[1]}; expected "
+                     f"two sample.py runs of one prompt list")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 on both: the numbers should not depend on it
     rewards = load_rewards(args.reward, args.reward_path, args.clip_h, device)
 

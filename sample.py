@@ -28,6 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from inputs import fail, read_prompts
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release write
 PIPE_ARGS = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
 SHEET_IMAGES = 16  # contact sheet: the first 16 images, 4 per row
@@ -38,7 +40,7 @@ THUMB = 512        # grid cells are shrunk to at most 512 px, so a grid of 1024 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="FluxPipeline folder or hub id, e.g. black-forest-labs/FLUX.1-dev "
-                                   "(default: toy.py's world if built, else the tiny random pipeline of tiny.py)")
+                                   "(default: the tiny random pipeline of tiny.py)")
     p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it (default: none)")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
@@ -47,34 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="out/samples", help="default: out/samples")
     p.add_argument("--compare", action="store_true", help="render base and --weights into DIR/base, DIR/srpo "
                                                           "with the same seeds, and DIR/compare.png")
-    # The release's inference settings (SPEC §5), named after FluxPipeline's arguments.
+    # The release's inference settings (METHOD.md §5), named after FluxPipeline's arguments.
     p.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX guidance, default 3.5")
     p.add_argument("--num-inference-steps", type=int, default=50, help="default 50")
-    p.add_argument("--height", type=int, help="a multiple of 16, default 1024 (the toy world: 64)")
-    p.add_argument("--width", type=int, help="a multiple of 16, default 1024 (the toy world: 64)")
-    p.add_argument("--max-sequence-length", type=int, help="T5 tokens, default 512 (the toy world: 16)")
+    p.add_argument("--height", type=int, default=1024, help="a multiple of 16, default 1024")
+    p.add_argument("--width", type=int, default=1024, help="a multiple of 16, default 1024")
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens, default 512")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; default 0")
     return p.parse_args(argv)
-
-
-def read_prompts(path):
-    """The prompt list of --prompts: a .json list of strings, else one prompt per non-blank line."""
-    what = "a .txt file with one prompt per line, or a .json list of strings"
-    if not os.path.isfile(path):
-        raise SystemExit(f"--prompts {path}: not found (expected {what})")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                prompts = json.load(f)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"--prompts {path}: not valid JSON ({e}; expected {what})") from None
-            if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
-                raise SystemExit(f"--prompts {path}: expected a JSON list of strings")
-        else:
-            prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise SystemExit(f"--prompts {path}: no prompts in it")
-    return prompts
 
 
 def check_weights(path, transformer):
@@ -83,39 +65,40 @@ def check_weights(path, transformer):
     if os.path.isdir(path):
         path = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        raise SystemExit(f"--weights {path}: not found (expected {WEIGHTS_NAME} or a folder holding it)")
+        fail(f"--weights {path}: not found (expected {WEIGHTS_NAME} or a folder holding it)")
     try:
         with safe_open(path, "pt") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise SystemExit(f"--weights {path}: not a safetensors file ({e})") from None
+        fail(f"--weights {path}: not a safetensors file ({e})")
     expected = {key: tuple(t.shape) for key, t in transformer.state_dict().items()}
     for key in sorted(expected.keys() | shapes.keys()):
         if key not in expected:
-            raise SystemExit(f"--weights {path}: {key} is not a key of this --model's transformer")
+            fail(f"--weights {path}: {key} is not a key of this --model's transformer")
         if shapes.get(key) != expected[key]:
-            raise SystemExit(f"--weights {path}: {key} is {shapes.get(key, 'missing')}, expected {expected[key]} "
-                             f"for this --model's transformer")
+            fail(f"--weights {path}: {key} is {shapes.get(key, 'missing')}, expected {expected[key]} "
+                 f"for this --model's transformer")
     return path
 
 
 def render(pipe, records, out_dir, rank, world_size):
     """Make this rank's share of the images (i = rank, rank + world_size, ...) that are not on disk yet.
-    Returns (rendered, skipped)."""
+    Every rank first checks every image already there (the same answer on all ranks, so a mismatch stops them
+    all with one line). Returns (rendered, skipped)."""
     os.makedirs(out_dir, exist_ok=True)
-    todo, skipped = [], 0
-    for r in records[rank::world_size]:
+    done = set()
+    for r in records:
         path = os.path.join(out_dir, r["file"])
         if os.path.exists(path):  # complete: images are only ever renamed into place
             with Image.open(path) as im:
                 old = im.text
             for key, value in r.items():
                 if old.get(key) != str(value):
-                    raise SystemExit(f"{path}: already made with {key}={old.get(key)!r}, this run has "
-                                     f"{value!r}; use another --output-dir for other settings")
-            skipped += 1
-        else:
-            todo.append(r)
+                    fail(f"{path}: already made with {key}={old.get(key)!r}, this run has {value!r}; use another "
+                         f"--output-dir for other settings")
+            done.add(r["file"])
+    mine = records[rank::world_size]
+    todo = [r for r in mine if r["file"] not in done]
     for r in tqdm(todo, desc=out_dir, disable=rank != 0):
         # a CPU generator: the same noise whatever the device (diffusers draws it on the CPU, then moves it)
         generator = torch.Generator().manual_seed(r["seed"])
@@ -126,7 +109,7 @@ def render(pipe, records, out_dir, rank, world_size):
         path = os.path.join(out_dir, r["file"])
         image.save(path + ".tmp", format="PNG", pnginfo=info)
         os.replace(path + ".tmp", path)  # atomic: a killed job never leaves a half image to be skipped
-    return len(todo), skipped
+    return len(todo), len(mine) - len(todo)
 
 
 def grid(paths, cols):
@@ -144,26 +127,15 @@ def grid(paths, cols):
 def main(argv=None):
     args = parse_args(argv)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    defaults = dict(height=1024, width=1024, max_sequence_length=512)
-    if args.model is None:  # toy.py's trained world once built, else the tiny random pipeline
-        from toy import toy_model_paths
-        world = toy_model_paths()
-        if world:
-            defaults = dict(height=world["resolution"], width=world["resolution"],
-                            max_sequence_length=world["max_sequence_length"])
-        else:
-            from tiny import tiny_model_paths
-            world = {"flux": tiny_model_paths()[0]}
-        args.model = world["flux"]
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    if args.model is None:  # the tiny random pipeline, built offline on first use
+        from tiny import tiny_model_paths
+        args.model = tiny_model_paths()[0]
     for flag in ("height", "width"):
         if getattr(args, flag) % 16:
-            raise SystemExit(f"--{flag} {getattr(args, flag)}: expected a multiple of 16 (FLUX packs 2x2 "
-                             f"patches of the 8x downsampled latent)")
+            fail(f"--{flag} {getattr(args, flag)}: expected a multiple of 16 (FLUX packs 2x2 "
+                 f"patches of the 8x downsampled latent)")
     if args.compare and not args.weights:
-        raise SystemExit("--compare: needs --weights, the SRPO weights to set beside the base model")
+        fail("--compare: needs --weights, the SRPO weights to set beside the base model")
 
     # torchrun sets these; a plain `python sample.py` is rank 0 of 1
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -177,7 +149,7 @@ def main(argv=None):
     try:
         pipe = FluxPipeline.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {args.model}: cannot load a FluxPipeline ({str(e).splitlines()[0]})") from None
+        fail(f"--model {args.model}: cannot load a FluxPipeline ({str(e).splitlines()[0]})")
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # ours is over prompts
     weights = check_weights(args.weights, pipe.transformer) if args.weights else None
@@ -210,6 +182,7 @@ def main(argv=None):
         grid(pairs, 2).save(os.path.join(args.output_dir, "compare.png"))
         print(f"{os.path.join(args.output_dir, 'compare.png')}: base (left) and SRPO (right), same seeds")
     if world_size > 1:
+        dist.barrier()  # no rank tears down its connections while another still sends on them (gloo aborts then)
         dist.destroy_process_group()
 
 

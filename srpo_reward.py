@@ -1,6 +1,6 @@
 """Semantic Relative Preference (SRP): a text-conditioned reward, positive prompt minus negative prompt.
 
-    r = f_img . ((1 + k) * f_pos - f_neg)                                   # SPEC §4
+    r = f_img . ((1 + k) * f_pos - f_neg)                                   # METHOD.md §4
 
 with L2-normalized CLIP-style embeddings of the image, of the caption behind a positive control word
 ("Real. a cat") and of the same caption behind a negative one ("Painting. a cat"). The reward models
@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 KINDS = ("hps", "pickscore", "clip")
-POS_WORDS = ("Natural-lighting", "Detail", "Detailed", "Real")          # realism, SPEC §4
-NEG_WORDS = ("Concept art", "Painting", "Anime", "Flat", "Oil")         # CG / oily look, SPEC §4
+POS_WORDS = ("Natural-lighting", "Detail", "Detailed", "Real")          # realism, METHOD.md §4
+NEG_WORDS = ("Concept art", "Painting", "Anime", "Flat", "Oil")         # CG / oily look, METHOD.md §4
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def preprocess(images, size):
-    """Differentiable CLIP preprocessing of images in [0, 1], shape (B, 3, H, W) (SPEC §4): resize the
+    """Differentiable CLIP preprocessing of images in [0, 1], shape (B, 3, H, W) (METHOD.md §4): resize the
     shorter side to `size` (bicubic, antialiased), center-crop size x size, normalize. Same arithmetic
     as torchvision's Resize(size, BICUBIC) + CenterCrop(size) + Normalize on tensors."""
     h, w = images.shape[-2:]
@@ -39,17 +39,17 @@ def preprocess(images, size):
 
 def control_prompts(caption, step, pos_words=POS_WORDS, neg_words=NEG_WORDS):
     """("{pos_word}. {caption}", "{neg_word}. {caption}"), the words chosen by step modulo the list
-    length (SPEC §4). Pass your own lists to steer elsewhere, e.g. ("bright",) vs ("dark",)."""
+    length (METHOD.md §4). Pass your own lists to steer elsewhere, e.g. ("bright",) vs ("dark",)."""
     return f"{pos_words[step % len(pos_words)]}. {caption}", f"{neg_words[step % len(neg_words)]}. {caption}"
 
 
 def srpo_loss(reward, threshold=0.7):
-    """relu(threshold - reward): the ReFL-style thresholded loss of SPEC §4."""
+    """relu(threshold - reward): the ReFL-style thresholded loss of METHOD.md §4."""
     return F.relu(threshold - reward)
 
 
 class SRPReward:
-    """A frozen CLIP-style reward. kind picks the scaling of SPEC §4:
+    """A frozen CLIP-style reward. kind picks the scaling of METHOD.md §4:
         hps:        srp = f_img . ((1 + k) f_pos - f_neg)             score = f_img . f_txt
         pickscore:  srp = exp(logit_scale) / 20 * (same)              score = exp(logit_scale) * f_img . f_txt
         clip:       srp = exp(logit_scale) / 20 * (same)              score = f_img . f_txt
@@ -76,7 +76,7 @@ class SRPReward:
         return F.normalize(self.model.get_text_features(**tokens).pooler_output, dim=-1)
 
     def srp(self, images, pos_prompts, neg_prompts, k):
-        """The SRP reward r = f_img . ((1 + k) f_pos - f_neg), one value per image (SPEC §4)."""
+        """The SRP reward r = f_img . ((1 + k) f_pos - f_neg), one value per image (METHOD.md §4)."""
         f_img = self.embed_images(images)
         f_pos, f_neg = self.embed_texts(pos_prompts), self.embed_texts(neg_prompts)
         r = (f_img * ((1 + k) * f_pos - f_neg)).sum(-1)
@@ -85,7 +85,7 @@ class SRPReward:
         return r
 
     def score(self, images, prompts):
-        """The plain reward that evaluation tables report, one value per image (SPEC §4)."""
+        """The plain reward that evaluation tables report, one value per image (METHOD.md §4)."""
         r = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
         return r * self.model.logit_scale.exp() if self.kind == "pickscore" else r
 

@@ -21,7 +21,7 @@ from tokenizers import pre_tokenizers
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5Tokenizer)
 
-# Words both tokenizers keep whole: caption words and the SRPO control words (SPEC §4). Other text is
+# Words both tokenizers keep whole: caption words and the SRPO control words (METHOD.md §4). Other text is
 # still tokenized: spelled in bytes (CLIP) or characters (T5), with <unk> for non-ASCII in T5.
 CORPUS = """
 a an the of in on at with and under near photo picture portrait image close up view
@@ -93,7 +93,7 @@ def build_tiny_flux(path, seed=0):
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
             axes_dims_rope=(4, 6, 6))
-        # 4 blocks: 8x downsampling; 16 latent channels, FLUX.1-dev's shift/scale, no quant convs (SPEC §5)
+        # 4 blocks: 8x downsampling; 16 latent channels, FLUX.1-dev's shift/scale, no quant convs (METHOD.md §5)
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=4,

@@ -3,7 +3,7 @@
 CPU, tiny random models (built offline on first use, a couple of minutes at most):
     python train.py
     torchrun --nproc_per_node=2 train.py
-One node, 8 GPUs, FLUX.1-dev + HPSv2.1 with the release's recipe (SPEC §3-§5):
+One node, 8 GPUs, FLUX.1-dev + HPSv2.1 with the release's recipe (METHOD.md §3-§5):
     torchrun --nproc_per_node=8 train.py --model ./FLUX.1-dev --reward hps \
         --reward-path ./hps_ckpt/HPS_v2.1_compressed.pt --clip-h ./CLIP-ViT-H-14-laion2B-s32B-b79K \
         --prompts ./prompts.txt --output-dir out/srpo-hps
@@ -18,32 +18,32 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from direct_align import (branch_sigmas, default_gap, direct_align, euler_step, reward_k, sample_t_star,
-                          sigma_schedule, train_window)
+from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
+from flux import conditioning, decode, encode_image, encode_prompts, latent_noise, rollout, velocity
+from inputs import IMAGE_EXTENSIONS, fail, load_image, read_prompts
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
 
 # FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
 # would skip its backward hook; FLUX makes none, and test_core.py shows FSDP and DDP end at equal weights.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-# The release's two configs (SPEC §3, §4); --reward clip uses the HPS one. Flags override each value.
+# The release's two configs (METHOD.md §3, §4); --reward clip uses the HPS one. Flags override each value.
 RECIPES = {
     "hps": dict(window_end=25, k_denoise=(0.1, 0.25), k_inversion=(0.3, 0.01), rollout_guidance=1.0),
     "pickscore": dict(window_end=30, k_denoise=(0.1, 0.5), k_inversion=(0.6, 0.01), rollout_guidance=2.0),
@@ -58,17 +58,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # models and data
-    a("--model", help="diffusers FLUX pipeline folder (FLUX.1-dev layout); default: toy.py's world if built, "
-                      "else tiny random models")
-    a("--reward", default="hps", choices=KINDS, help="reward model kind (SPEC §4)")
+    a("--model", help="diffusers FLUX pipeline folder (FLUX.1-dev layout); default: tiny random models")
+    a("--reward", default="hps", choices=KINDS, help="reward model kind (METHOD.md §4)")
     a("--reward-path", help="HPS_v2.1_compressed.pt, or a PickScore / CLIP folder; default: a tiny CLIP")
     a("--clip-h", help="laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder: HPS's config and tokenizer")
-    a("--prompts", help="text file, one prompt per line (online mode)")
+    a("--prompts", help="online mode: a .txt file, one prompt per line, or a .json list of strings (HPDv2's)")
     a("--image-dir", help="offline mode: images with .txt captions beside them replace the rollout")
-    a("--pos-words", nargs="+", default=list(POS_WORDS), help="positive control words (SPEC §4)")
-    a("--neg-words", nargs="+", default=list(NEG_WORDS), help="negative control words (SPEC §4)")
+    a("--pos-words", nargs="+", default=list(POS_WORDS), help="positive control words (METHOD.md §4)")
+    a("--neg-words", nargs="+", default=list(NEG_WORDS), help="negative control words (METHOD.md §4)")
     a("--output-dir", default="out/srpo")
-    # the method (SPEC §3-§4); None = the reward's recipe above
+    # the method (METHOD.md §3-§4); None = the reward's recipe above
     a("--resolution", type=int, help="square training size, a multiple of 16; default 720 (64 on tiny)")
     a("--rollout-steps", type=int, default=25, help="Euler steps of the online rollout")
     a("--rollout-guidance", type=float, help="FLUX guidance of the rollout: 1 (hps), 2 (pickscore)")
@@ -82,8 +81,8 @@ def parse_args(argv=None):
     a("--threshold", type=float, default=0.7, help="loss = relu(threshold - reward)")
     a("--branches", default="both", choices=("both", "denoise", "inversion"),
       help="denoise alone shows reward hacking, the release's README suggests, for comparison")
-    a("--max-sequence-length", type=int, help="T5 tokens; default 512 (16 in the toy world)")
-    # optimization (SPEC §5)
+    a("--max-sequence-length", type=int, default=512, help="T5 tokens of the FLUX conditioning")
+    # optimization (METHOD.md §5)
     a("--steps", type=int, default=20, help="optimizer steps (the release: about 20 on 32 GPUs)")
     a("--lr", type=float, default=5e-6)
     a("--betas", type=float, nargs=2, default=(0.9, 0.999))
@@ -103,15 +102,6 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.resolution = args.resolution or (720 if args.model else 64)
     return args
-
-
-def fail(message):
-    """One line naming the problem, exit code 2, no traceback (printed once, by rank 0)."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"error: {message}", file=sys.stderr)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(2)
 
 
 def check_inputs(args):
@@ -138,20 +128,15 @@ def check_inputs(args):
 def read_data(args):
     """(captions, image paths or None). Online: the prompts. Offline: every image with a .txt caption."""
     if args.image_dir:
-        images = sorted(f for f in os.listdir(args.image_dir)
-                        if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        images = sorted(f for f in os.listdir(args.image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not images:
-            fail(f"--image-dir {args.image_dir}: no .png/.jpg/.jpeg/.webp images")
+            fail(f"--image-dir {args.image_dir}: no {'/'.join(IMAGE_EXTENSIONS)} images")
         paths = [os.path.join(args.image_dir, f) for f in images]
         for path in paths:
             if not os.path.isfile(os.path.splitext(path)[0] + ".txt"):
                 fail(f"--image-dir: {path} has no caption file {os.path.splitext(path)[0]}.txt")
         return [open(os.path.splitext(p)[0] + ".txt").read().strip() for p in paths], paths
-    prompts = [line.strip() for line in open(args.prompts)] if args.prompts else TINY_PROMPTS
-    prompts = [line for line in prompts if line]
-    if not prompts:
-        fail(f"--prompts {args.prompts}: no prompts (one per line expected)")
-    return prompts, None
+    return (read_prompts(args.prompts) if args.prompts else TINY_PROMPTS), None
 
 
 def rng(*key):
@@ -161,7 +146,7 @@ def rng(*key):
 
 
 def memory_plan(num_params, world_size, strategy):
-    """Bytes each rank holds for fp32 master weights, fp32 gradients and AdamW's two fp32 states (SPEC §5):
+    """Bytes each rank holds for fp32 master weights, fp32 gradients and AdamW's two fp32 states (METHOD.md §5):
     FSDP full shard divides all three by the world size, DDP keeps full copies on every rank."""
     shard = world_size if strategy == "fsdp" else 1
     plan = {"weights": 4 * num_params / shard, "grads": 4 * num_params / shard,
@@ -170,104 +155,8 @@ def memory_plan(num_params, world_size, strategy):
     return plan
 
 
-# ----------------------------------------------------------------------------------------- FLUX pieces
-
-def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, dtype):
-    """FLUX conditioning of each prompt: T5 sequence and CLIP pooled embeddings (SPEC §5). They depend only
-    on the caption, so they are computed once, cached as safetensors, and the text encoders are freed."""
-    def path(prompt):
-        stamp = os.path.getmtime(os.path.join(model_dir, "model_index.json"))  # a model rebuilt in place: new keys
-        key = f"{os.path.abspath(model_dir)}|{stamp}|{max_sequence_length}|{prompt}"
-        return os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
-    todo = [p for p in dict.fromkeys(prompts) if not os.path.isfile(path(p))]
-    if todo:
-        os.makedirs(cache_dir, exist_ok=True)
-        pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype).to(device)
-        for prompt in todo:
-            with torch.no_grad():
-                embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device,
-                                                       max_sequence_length=max_sequence_length)
-            tmp = f"{path(prompt)}.{os.getpid()}.tmp"
-            save_file({"encoder_hidden_states": embeds.cpu(), "pooled_projections": pooled.cpu()}, tmp)
-            os.replace(tmp, path(prompt))
-        del pipe
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {p: {k: v.to(device) for k, v in load_file(path(p)).items()} for p in prompts}
-
-
-def velocity(transformer, x, sigma, cond, guidance):
-    """FLUX's velocity v = noise - x0 at packed latents x. The release feeds the timestep
-    floor(sigma * 1000) / 1000 (SPEC §3); guidance only where the model embeds it (FLUX.1-dev does)."""
-    t = torch.full((x.shape[0],), math.floor(float(sigma) * 1000) / 1000, device=x.device)
-    g = torch.full_like(t, guidance) if guidance is not None else None
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
-        v = transformer(hidden_states=x, timestep=t, guidance=g, return_dict=False, **cond)[0]
-    return v.float()
-
-
-def latent_noise(resolution, generator, device):
-    """Gaussian noise in FLUX's packed layout: 16 channels at H/8 x W/8, in 2x2 patches (SPEC §5)."""
-    h = w = resolution // 8
-    noise = torch.randn(1, 16, h, w, generator=generator)
-    return FluxPipeline._pack_latents(noise, 1, 16, h, w).to(device)
-
-
-def conditioning(embeds, resolution, device):
-    """The transformer's keyword inputs besides x and t: text embeddings, text ids zeros(L, 3), image ids
-    [0, row, col] of the 2x2 patches."""
-    ids = FluxPipeline._prepare_latent_image_ids(1, resolution // 16, resolution // 16, device, torch.float32)
-    txt_ids = torch.zeros(embeds["encoder_hidden_states"].shape[1], 3, device=device)
-    return dict(embeds, txt_ids=txt_ids, img_ids=ids)
-
-
-@torch.no_grad()
-def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
-    """x0 of the current model: Euler steps on the shift-3 grid from pure noise (SPEC §5), no gradient.
-    Under FSDP2 each block keeps its gathered weights for all the steps (one all-gather per rollout, not
-    one per step; FLUX's bf16 copy fits beside the shards from 8 GPUs on) and frees them at the end."""
-    blocks = [m for m in transformer.modules() if isinstance(m, FSDPModule) and m is not transformer]
-    for block in blocks:
-        block.set_reshard_after_forward(False)
-    sigmas = sigma_schedule(steps, shift)
-    x = noise
-    for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), desc="rollout", leave=False,
-                                  disable=not progress):
-        x = euler_step(x, velocity(transformer, x, sigma, cond, guidance), sigma, sigma_next)
-    for block in blocks:
-        block.reshard()
-        block.set_reshard_after_forward(True)
-    return x
-
-
-def decode(vae, x, resolution):
-    """Packed latents -> images in [0, 1]: unpack, undo the VAE's shift/scale, decode, clamp(img/2 + 0.5)."""
-    latents = FluxPipeline._unpack_latents(x, resolution, resolution, 2 ** (len(vae.config.block_out_channels) - 1))
-    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
-        image = vae.decode(latents, return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
-
-
-@torch.no_grad()
-def encode_image(vae, path, resolution, generator, device):
-    """Offline mode's x0: a real image, resized and center-cropped, encoded by the VAE (SPEC §5)."""
-    img = Image.open(path).convert("RGB")
-    scale = resolution / min(img.size)
-    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
-                     Image.BICUBIC)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    x = (x.permute(2, 0, 1)[None].float() / 127.5 - 1).to(device)
-    latents = vae.encode(x).latent_dist.sample(generator=generator)
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    h = resolution // 8
-    return FluxPipeline._pack_latents(latents.float(), 1, 16, h, h)
-
-
 def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generator, args):
-    """Direct-Align on both branches of one sample, with the SRP reward (SPEC §2-§4). Each branch's loss
+    """Direct-Align on both branches of one sample, with the SRP reward (METHOD.md §2-§4). Each branch's loss
     relu(threshold - r) / n_branches is backpropagated at once, so the gradients accumulate. Returns the
     step's numbers: loss, and reward / sigma from, to / k of each branch."""
     window = train_window(args.window_start, args.window_end, shift=args.shift)
@@ -280,7 +169,7 @@ def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generato
         sigma_from, sigma_to, m = sigmas[name]
         k = reward_k(m, args.k_denoise if name == "denoise" else args.k_inversion, len(window))
         # The inversion step enters x0_hat with the opposite sign, so it maximizes the reward with the
-        # roles swapped: both branches push the model towards the positive words (SPEC §4).
+        # roles swapped: both branches push the model towards the positive words (METHOD.md §4).
         p, n = (pos, neg) if name == "denoise" else (neg, pos)
         v = lambda x, s: velocity(transformer, x, s, cond, args.guidance)  # noqa: E731
         x0_hat = direct_align(v, x0, noise, sigma_from, sigma_to)
@@ -359,21 +248,8 @@ def save_samples(transformer, vae, noise, cond, caption, path, args, rank, world
 
 # ----------------------------------------------------------------------------------------- the run
 
-def use_toy_world(args):
-    """No --model: toy.py's trained world (model, reward, prompts, its text length) if it is built."""
-    from toy import toy_model_paths
-    world = None if args.model else toy_model_paths()
-    if world:
-        args.model, args.reward_path = world["flux"], args.reward_path or world["reward"]
-        args.prompts = args.prompts or world["train_prompts"]
-        args.max_sequence_length = args.max_sequence_length or world["max_sequence_length"]
-    args.max_sequence_length = args.max_sequence_length or 512
-    return world
-
-
 def main(argv=None):
     args = parse_args(argv)
-    toy_world = use_toy_world(args)
     check_inputs(args)
     captions, image_paths = read_data(args)
 
@@ -388,28 +264,24 @@ def main(argv=None):
     if cuda:
         torch.cuda.set_device(device)
     master = rank == 0
-    torch.manual_seed(args.seed + rank)  # SPEC §5; the draws that matter use rng(...) below
+    torch.manual_seed(args.seed + rank)  # METHOD.md §5; the draws that matter use rng(...) below
     say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
 
-    # models: the real ones, toy.py's, or tiny random ones written once and loaded through the same from_pretrained
-    if toy_world:
-        say(f"toy world: {args.model} (FLUX), {args.reward_path} (reward), prompts {args.prompts}")
+    # models: the real ones, or tiny random ones written once and loaded through the same from_pretrained
     if not args.model:
         from tiny import tiny_model_paths
         if master:
             tiny_model_paths()  # rank 0 builds, the others then find them
         dist.barrier()
         tiny_flux, tiny_clip = tiny_model_paths()
-        say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward); `python toy.py build` trains a toy "
-            f"world (~6 min on 2 cores) that runs then take instead")
-        args.model = args.model or tiny_flux
-        args.reward_path = args.reward_path or tiny_clip
+        say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
+        args.model, args.reward_path = tiny_flux, args.reward_path or tiny_clip
     try:
         reward = load_reward(args.reward, args.reward_path, args.clip_h, device)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
-    # fp32 master weights (SPEC §5), loaded straight onto this rank's device (no host copy), sharded below
+    # fp32 master weights (METHOD.md §5), loaded straight onto this rank's device (no host copy), sharded below
     transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=torch.float32,
                                                          device_map=str(device)).train()
     num_params = sum(p.numel() for p in transformer.parameters())
@@ -420,7 +292,7 @@ def main(argv=None):
     if args.gradient_checkpointing:  # the VAE's decoder too: its activations at 720x720 are the next largest
         transformer.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
-    if args.strategy == "fsdp":  # FSDP2: each block is one all-gather unit, then the root (SPEC §5)
+    if args.strategy == "fsdp":  # FSDP2: each block is one all-gather unit, then the root (METHOD.md §5)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             fully_shard(block, mp_policy=mp)
@@ -468,8 +340,8 @@ def main(argv=None):
         cond = conditioning(embeds[caption], args.resolution, device)
         noise = latent_noise(args.resolution, rng(args.seed, "noise", step), device)  # the same on every rank
         if image_paths:  # offline: a real image and a fresh noise shared by all ranks
-            x0 = encode_image(vae, image_paths[index(step)], args.resolution, rng(args.seed, "vae", step, rank),
-                              device)
+            x0 = encode_image(vae, load_image(image_paths[index(step)], args.resolution),
+                              rng(args.seed, "vae", step, rank))
         else:  # online: the current model's own sample from that noise
             x0 = rollout(transformer, noise, cond, args.rollout_steps, args.shift, args.rollout_guidance,
                          progress=master and cuda)
@@ -507,6 +379,7 @@ def main(argv=None):
 
     say(f"done: weights {last_checkpoint}/diffusion_pytorch_model.safetensors, metrics "
         f"{args.output_dir}/metrics.jsonl, samples {args.output_dir}/samples/")
+    dist.barrier()  # no rank tears down its connections while another still sends on them (gloo aborts then)
     dist.destroy_process_group()
 
 

@@ -1,7 +1,7 @@
 """A toy world where SRPO visibly works on a CPU, and the paper's three claims measured in miniature.
 
-    python toy.py build           # once, about 5.5 minutes on 2 cores: ~/.cache/srpo-toy (or $SRPO_TOY_DIR)
-    python toy.py demo            # about 2.5 minutes more: out/toy/report.md with its figures
+    python -m experiments.toy build           # once, about 5.5 minutes on 2 cores: ~/.cache/srpo-toy (or $SRPO_TOY_DIR)
+    python -m experiments.toy demo            # about 2.5 minutes more: out/toy/report.md with its figures
 
 The world: 64x64 scenes drawn in code, a colored shape on a background, lit bright or dark, captioned
 "a red circle on a purple background", "a bright red circle on a purple background" or "bright. a red ...".
@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import train
+from flux import conditioning, decode, encode_prompts, latent_noise, rollout, velocity
 from direct_align import direct_align, inject_noise, predict_x0
 from srpo_reward import load_reward, preprocess
 from tiny import clip_text_config, clip_tokenizer, t5_tokenizer
@@ -55,10 +56,10 @@ VAE_LR, FLUX_LR, CLIP_LR = 2e-3, 1e-3, 1e-3  # AdamW, warmup then cosine to zero
 VAE_KL = 1e-6             # KL weight per latent value, small as in Stable Diffusion's VAE
 # ----------------------------------------------------------------------------------------- the demo
 DEMO_STEPS = 40           # SRPO optimizer steps per run
-DEMO_LR = 1e-5            # SPEC's 5e-6 is for the 12B FLUX.1-dev; the report says why 2x here
+DEMO_LR = 1e-5            # METHOD.md §5's 5e-6 is for the 12B FLUX.1-dev; the report says why 2x here
 DEMO_SEEDS = 8            # eval images per held-out prompt
 CLAIM1_SIGMAS = (0.99, 0.95, 0.9, 0.75, 0.5, 0.25, 0.1)
-CLAIM1_STEP = 0.02        # Direct-Align's step sigma -> sigma - 0.02, about the training gap (SPEC §3)
+CLAIM1_STEP = 0.02        # Direct-Align's step sigma -> sigma - 0.02, about the training gap (METHOD.md §3)
 JUDGE_MARGIN = 0.05       # claim 2 holds if the judge's caption accuracy falls by at most 5 points
 
 
@@ -100,7 +101,7 @@ def render(scenes):
 
 def caption(shape, color, background, light=None, form="adjective"):
     """'a red circle on a purple background'; with a light word, 'a bright red circle ...' (adjective) or
-    'bright. a red circle ...' (control: the form SRPO's prompts take, SPEC §4)."""
+    'bright. a red circle ...' (control: the form SRPO's prompts take, METHOD.md §4)."""
     text = f"a {color} {shape} on a {background} background"
     if light is None:
         return text
@@ -207,7 +208,7 @@ def text_encoders(generator_seed):
 
 
 def train_flux(pipe, scenes, steps, generator):
-    """Flow matching (SPEC §1) on the VAE latents of `scenes`, the text encoders frozen: x = (1 - sigma) x0 +
+    """Flow matching (METHOD.md §1) on the VAE latents of `scenes`, the text encoders frozen: x = (1 - sigma) x0 +
     sigma noise, target velocity noise - x0, sigma = sigmoid(N(0, 1)) (SD3's logit-normal, which weights the
     middle noise levels, where shapes form). Each scene is captioned with or without its light word (half and
     half), so a light-free caption renders bright and dark scenes alike; guidance is drawn in [1, 5], so the toy
@@ -286,7 +287,7 @@ def train_clip(seed, steps, generator):
 
 def flux_embeds(flux_dir, prompts, cache_dir):
     """FLUX conditioning of prompts, batched, through train.py's own encode_prompts (and its cache)."""
-    e = train.encode_prompts(flux_dir, prompts, MAX_SEQUENCE_LENGTH, cache_dir, torch.device("cpu"), torch.float32)
+    e = encode_prompts(flux_dir, prompts, MAX_SEQUENCE_LENGTH, cache_dir, torch.device("cpu"), torch.float32)
     return {k: torch.cat([e[p][k] for p in prompts]) for k in ("encoder_hidden_states", "pooled_projections")}
 
 
@@ -294,10 +295,10 @@ def flux_embeds(flux_dir, prompts, cache_dir):
 def sample(transformer, vae, embeds, seeds, guidance=3.5, steps=25):
     """One image per (prompt, seed) row, on train.py's own rollout (25 Euler steps, shift-3 grid) and decode;
     image i starts from the noise of seeds[i]. Returns (images in [0, 1], x0 latents, noise)."""
-    noise = torch.cat([train.latent_noise(RESOLUTION, torch.Generator().manual_seed(s), "cpu") for s in seeds])
-    cond = train.conditioning(embeds, RESOLUTION, "cpu")
-    x0 = train.rollout(transformer, noise, cond, steps, 3.0, guidance)
-    return train.decode(vae, x0, RESOLUTION), x0, noise
+    noise = torch.cat([latent_noise(RESOLUTION, torch.Generator().manual_seed(s), "cpu") for s in seeds])
+    cond = conditioning(embeds, RESOLUTION, "cpu")
+    x0 = rollout(transformer, noise, cond, steps, 3.0, guidance)
+    return decode(vae, x0, RESOLUTION), x0, noise
 
 
 @torch.no_grad()
@@ -340,7 +341,7 @@ def sanity(flux_dir, pipe, reward, judge, seed):
     scenes = make_scenes(256, g)
     images = render(scenes)
     with torch.no_grad():
-        recon = train.decode(pipe.vae, encode(pipe.vae, images), RESOLUTION)
+        recon = decode(pipe.vae, encode(pipe.vae, images), RESOLUTION)
     mse = F.mse_loss(recon, images).item()
     truths = [parse_caption(c) for c in scene_captions(scenes, [None] * len(images))]
     lights = [list(LIGHTS)[i] for i in scenes["light"].tolist()]
@@ -368,7 +369,7 @@ def world_dir(root=None, seed=0, quick=False):
 
 
 def toy_model_paths(root=None, seed=0, quick=False):
-    """The built world's folders and settings, or None if it is not built (python toy.py build):
+    """The built world's folders and settings, or None if it is not built (python -m experiments.toy build):
     dict(flux=, reward=, judge=, train_prompts=, eval_prompts=, resolution=, max_sequence_length=)."""
     path = world_dir(root, seed, quick)
     if not os.path.isfile(os.path.join(path, "world.json")):
@@ -476,7 +477,7 @@ def measure(transformer, world, embeds, truths, seeds):
 
 
 def claim1(world, n, seed):
-    """Recovery from high noise (SPEC §2) on n held-out real scenes: x0 their VAE latents, a fresh known noise,
+    """Recovery from high noise (METHOD.md §2) on n held-out real scenes: x0 their VAE latents, a fresh known noise,
     x = (1 - sigma) x0 + sigma noise; then the one-step prediction x - sigma v against Direct-Align's one step
     to sigma - CLAIM1_STEP recovered with the known noise. Pixel MSE against the decoded x0, and the judge's
     caption accuracy of what each recovers."""
@@ -486,25 +487,25 @@ def claim1(world, n, seed):
     truths = [parse_caption(p) for p in prompts]
     x0 = encode(vae, render(scenes))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 4001))
-    cond = train.conditioning(flux_embeds(world["flux_dir"], prompts, world["text_cache"]), RESOLUTION, "cpu")
-    v_fn = lambda x, s: train.velocity(base, x, s, cond, 3.5)  # noqa: E731
+    cond = conditioning(flux_embeds(world["flux_dir"], prompts, world["text_cache"]), RESOLUTION, "cpu")
+    v_fn = lambda x, s: velocity(base, x, s, cond, 3.5)  # noqa: E731
     rows, pictures = [], []
     with torch.no_grad():
-        clean = train.decode(vae, x0, RESOLUTION)
+        clean = decode(vae, x0, RESOLUTION)
         for sigma in CLAIM1_SIGMAS:
             x = inject_noise(x0, noise, sigma)
-            one_step = train.decode(vae, predict_x0(x, v_fn(x, sigma), sigma), RESOLUTION)
-            aligned = train.decode(vae, direct_align(v_fn, x0, noise, sigma, sigma - CLAIM1_STEP), RESOLUTION)
+            one_step = decode(vae, predict_x0(x, v_fn(x, sigma), sigma), RESOLUTION)
+            aligned = decode(vae, direct_align(v_fn, x0, noise, sigma, sigma - CLAIM1_STEP), RESOLUTION)
             rows.append(dict(sigma=sigma, mse_one_step=F.mse_loss(one_step, clean).item(),
                              mse_direct_align=F.mse_loss(aligned, clean).item(),
                              judge_one_step=attribute_accuracy(*world["judge"], one_step, truths)["mean"],
                              judge_direct_align=attribute_accuracy(*world["judge"], aligned, truths)["mean"]))
-            pictures.append((train.decode(vae, x, RESOLUTION), one_step, aligned))
+            pictures.append((decode(vae, x, RESOLUTION), one_step, aligned))
     return rows, clean, pictures, attribute_accuracy(*world["judge"], clean, truths)["mean"]
 
 
 def srpo_run(paths, out, name, pos, neg, branches, steps, lr):
-    """One SRPO run through train.py's own loop, the release's recipe (SPEC §3-§5) but for the learning rate and
+    """One SRPO run through train.py's own loop, the release's recipe (METHOD.md §3-§5) but for the learning rate and
     the toy's sizes; a checkpoint every quarter. Returns ({step: weights}, the metrics rows)."""
     run = os.path.join(out, "runs", name.replace(" ", "-"))
     shutil.rmtree(run, ignore_errors=True)
@@ -616,7 +617,7 @@ def conclusions(n, rows1, v):
         f"one-step prediction's pixel error is {at[0.95]['mse_one_step'] / at[0.95]['mse_direct_align']:.0f}x "
         f"Direct-Align's, and the judge reads the caption off Direct-Align's recovery "
         f"{at[0.95]['judge_direct_align']:.0%} of the time against {at[0.95]['judge_one_step']:.0%}. This is "
-        "SPEC §2's algebra at work: the known noise is subtracted exactly, so only the model's error remains, "
+        "METHOD.md §2's algebra at work: the known noise is subtracted exactly, so only the model's error remains, "
         "scaled by step / (1 - sigma_to) instead of sigma; near sigma = 1 that scale nears 1 too (at 0.99 the gap is "
         f"{at[0.99]['mse_one_step'] / at[0.99]['mse_direct_align']:.1f}x).",
         f"- **Claim 2: the direction {'is' if v['2 direction'] else 'is not'} reproduced**: +bright -dark takes the "
@@ -631,7 +632,7 @@ def conclusions(n, rows1, v):
     else:
         lines.append(
             "- **Claim 3 is not reproduced in this toy world**: with and without the inversion branch, brightness "
-            "and the judge's accuracy move together within noise (see the checkpoints below). SPEC §4's algebra "
+            "and the judge's accuracy move together within noise (see the checkpoints below). METHOD.md §4's algebra "
             "suggests why this toy cannot show it: both branches push the relative term f_img . (f_pos - f_neg) the "
             "same way, and what the inversion branch works against is the absolute term k f_img . f_caption, the "
             "reward's liking for an image whatever the control word, where a real reward model's own biases live "
@@ -652,10 +653,10 @@ def write_report(out, n, curves, rows1, clean_judge, steps, lr, n_prompts, seeds
     lines = [
         "# SRPO in a toy world: the paper's three claims, measured",
         "",
-        f"Written by `python toy.py demo` in {seconds / 60:.1f} min. Evaluation: {n_prompts} held-out prompts (caption "
+        f"Written by `python -m experiments.toy demo` in {seconds / 60:.1f} min. Evaluation: {n_prompts} held-out prompts (caption "
         f"combinations never among SRPO's training prompts) x {seeds_per_prompt} seeds, the same noise for every "
-        f"model. Each SRPO run is `train.py` with the release's recipe (SPEC §3-§5) for {steps} steps at lr {lr:g}: "
-        "SPEC's 5e-6 is for the 12B FLUX.1-dev. Adam moves each weight by about lr a step whatever the model's size, "
+        f"model. Each SRPO run is `train.py` with the release's recipe (METHOD.md §3-§5) for {steps} steps at lr {lr:g}: "
+        "METHOD.md §5's 5e-6 is for the 12B FLUX.1-dev. Adam moves each weight by about lr a step whatever the model's size, "
         "so the lr sets how far 40 steps go: of a small sweep on an earlier build (2e-4, 3e-5, 1e-5), 1e-5 was the "
         "largest at which +bright kept the judge's caption accuracy; at 2e-4 the images were white or black noise "
         "within 30 steps (reward hacking in its plainest form).",
@@ -809,7 +810,7 @@ def main(argv=None):
             flags = "".join(f" --{k} {v}" for k, v in (("seed", args.seed), ("root", args.root)) if v) + \
                 (" --quick" if args.quick else "")
             sys.exit(f"error: no toy world at {world_dir(args.root, args.seed, args.quick)}: "
-                     f"run python toy.py build{flags} first")
+                     f"run python -m experiments.toy build{flags} first")
         demo(paths, args.out, args.steps)
 
 

@@ -1,8 +1,8 @@
 """What Direct-Align saves, measured here, and what FLUX.1-dev needs per GPU, planned (arXiv 2509.06942).
 
-    python bench.py --quick                  # tiny model, one repeat: under 2 minutes on a 2-core CPU
-    python bench.py --json bench.json        # a small FLUX-shaped model, 3 repeats: about a minute on 2 cores
-    python bench.py --device cuda --resolution 720 --layers 2 --single-layers 4 --heads 24 --head-dim 128 \
+    python -m experiments.bench --quick                  # tiny model, one repeat: under 2 minutes on a 2-core CPU
+    python -m experiments.bench --json bench.json        # a small FLUX-shaped model, 3 repeats: about a minute on 2 cores
+    python -m experiments.bench --device cuda --resolution 720 --layers 2 --single-layers 4 --heads 24 --head-dim 128 \
         --vae-width 128 --text-len 512       # a GPU: CUDA events and torch.cuda.max_memory_allocated
 Four sections, one markdown table each:
 1. one training step of Direct-Align (one branch, both), ReFL and DRaFT-K on the same FLUX-architecture model
@@ -32,6 +32,8 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import train
+from flux import conditioning, decode, encode_prompts, latent_noise, rollout, velocity
+from inputs import fail
 from direct_align import (default_gap, direct_align, euler_step, inject_noise, predict_x0, sigma_schedule,
                           train_window)
 from srpo_reward import SRPReward, control_prompts, load_reward, srpo_loss
@@ -53,7 +55,7 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
               feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # FLUX.1-dev, text_encoder_2/
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77)  # FLUX.1-dev, text_encoder/
-PLAN_RESOLUTION = 720       # the release's training size (SPEC §5): 512 text + (720 / 16)^2 = 2025 image tokens
+PLAN_RESOLUTION = 720       # the release's training size (METHOD.md §5): 512 text + (720 / 16)^2 = 2025 image tokens
 PLAN_TEXT_TOKENS = 512
 PLAN_PROMPTS = 21           # train.py keeps steps + 1 cached embeddings on the GPU; the release's 20 steps
 WORLD_SIZES = (1, 8, 16, 32)
@@ -99,25 +101,25 @@ def parse_args(argv=None):
 
 def check_args(args):
     if args.device == "cuda" and not torch.cuda.is_available():
-        train.fail("--device cuda: no CUDA device is visible")
+        fail("--device cuda: no CUDA device is visible")
     if args.device == "cpu" and not os.path.isfile("/proc/self/status"):
-        train.fail("--device cpu: peak memory is read from Linux's /proc/self/status; run on Linux or with CUDA")
+        fail("--device cpu: peak memory is read from Linux's /proc/self/status; run on Linux or with CUDA")
     if args.resolution % 16:
-        train.fail(f"--resolution {args.resolution}: must be a multiple of 16 (8x VAE, then 2x2 patches)")
+        fail(f"--resolution {args.resolution}: must be a multiple of 16 (8x VAE, then 2x2 patches)")
     if args.head_dim % 2 or args.head_dim < 8:
-        train.fail(f"--head-dim {args.head_dim}: must be even and at least 8 (rotary axes of even sizes)")
+        fail(f"--head-dim {args.head_dim}: must be even and at least 8 (rotary axes of even sizes)")
     if args.vae_width % min(32, args.vae_width) or 32 % min(32, args.vae_width):
-        train.fail(f"--vae-width {args.vae_width}: must divide 32 or be a multiple of it (32 GroupNorm groups)")
+        fail(f"--vae-width {args.vae_width}: must divide 32 or be a multiple of it (32 GroupNorm groups)")
     if args.repeats < 1 or args.threads < 1:
-        train.fail(f"--repeats {args.repeats} --threads {args.threads}: each must be at least 1")
+        fail(f"--repeats {args.repeats} --threads {args.threads}: each must be at least 1")
     if not all(1 <= k <= args.rollout_steps for k in args.draft_k):
-        train.fail(f"--draft-k {args.draft_k}: each K must be between 1 and --rollout-steps {args.rollout_steps}")
+        fail(f"--draft-k {args.draft_k}: each K must be between 1 and --rollout-steps {args.rollout_steps}")
     if not all(branch_gap() < s < 1 for s in args.sigmas):
-        train.fail(f"--sigmas {args.sigmas}: each must lie in ({branch_gap():.3f}, 1), the branch gap below 1")
+        fail(f"--sigmas {args.sigmas}: each must lie in ({branch_gap():.3f}, 1), the branch gap below 1")
 
 
 def branch_gap():
-    """The release's Direct-Align step in sigma: gap 100 of L = 1000 on the window g[5]..g[25] (SPEC §3), ~0.021."""
+    """The release's Direct-Align step in sigma: gap 100 of L = 1000 on the window g[5]..g[25] (METHOD.md §3), ~0.021."""
     window = train_window()
     return float(window[0] - window[default_gap(length=len(window))])
 
@@ -150,7 +152,7 @@ def write_models(args, root):
             .save_pretrained(os.path.join(flux, "vae"))
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as train.py caches them
-    train.encode_prompts(flux, [CAPTION], args.text_len, os.path.join(root, "text_cache"), device, dtype)
+    encode_prompts(flux, [CAPTION], args.text_len, os.path.join(root, "text_cache"), device, dtype)
     return types.SimpleNamespace(root=root, flux=flux, clip=tiny_clip)
 
 
@@ -166,13 +168,13 @@ def load(args, dirs):
         transformer.enable_gradient_checkpointing()
     vae = AutoencoderKL.from_pretrained(dirs.flux, subfolder="vae").to(device).eval().requires_grad_(False)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    embeds = train.encode_prompts(dirs.flux, [CAPTION], args.text_len, os.path.join(dirs.root, "text_cache"),
+    embeds = encode_prompts(dirs.flux, [CAPTION], args.text_len, os.path.join(dirs.root, "text_cache"),
                                   device, dtype)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=targs.lr, betas=tuple(targs.betas),
                                   weight_decay=targs.weight_decay, eps=targs.adam_eps)
     return types.SimpleNamespace(
         transformer=transformer, vae=vae, reward=load_reward("hps", dirs.clip, device=device), optimizer=optimizer,
-        cond=train.conditioning(embeds[CAPTION], args.resolution, device), targs=targs, device=device,
+        cond=conditioning(embeds[CAPTION], args.resolution, device), targs=targs, device=device,
         res=args.resolution)
 
 
@@ -182,16 +184,16 @@ def autocast(device):
 
 
 def reward(m, x0_hat, step):
-    """The SRP reward of decoded latents (SPEC §4), computed as srpo_step computes its denoise branch's."""
+    """The SRP reward of decoded latents (METHOD.md §4), computed as srpo_step computes its denoise branch's."""
     pos, neg = control_prompts(CAPTION, step)
     with autocast(m.device):
-        return m.reward.srp(train.decode(m.vae, x0_hat, m.res), [pos], [neg], m.targs.k_denoise[0]).float()
+        return m.reward.srp(decode(m.vae, x0_hat, m.res), [pos], [neg], m.targs.k_denoise[0]).float()
 
 
 def sample(m, x, sigmas):
-    """Euler steps of the current model along sigmas (SPEC §1); with gradient unless the caller turned it off."""
+    """Euler steps of the current model along sigmas (METHOD.md §1); with gradient unless the caller turned it off."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = euler_step(x, train.velocity(m.transformer, x, sigma, m.cond, m.targs.rollout_guidance), sigma, sigma_next)
+        x = euler_step(x, velocity(m.transformer, x, sigma, m.cond, m.targs.rollout_guidance), sigma, sigma_next)
     return x
 
 
@@ -203,10 +205,10 @@ def train_step(m, method, k, step):
     refl: no-grad sampling to a random step of the last quarter (ImageReward's 30..39 of 40), one step with
           gradient, the one-step prediction x0 = x - sigma v;
     draft: no-grad sampling for N - K steps, the last K with gradient (DRaFT-K)."""
-    noise = train.latent_noise(m.res, train.rng(0, "noise", step), m.device)
+    noise = latent_noise(m.res, train.rng(0, "noise", step), m.device)
     n = m.targs.rollout_steps
     if method.startswith("direct_align"):
-        x0 = train.rollout(m.transformer, noise, m.cond, n, m.targs.shift, m.targs.rollout_guidance)
+        x0 = rollout(m.transformer, noise, m.cond, n, m.targs.shift, m.targs.rollout_guidance)
         m.targs.branches = "both" if method == "direct_align_both" else "denoise"
         train.srpo_step(m.transformer, m.vae, m.reward, x0, noise, m.cond, CAPTION, step,
                         train.rng(0, "t", step), m.targs)
@@ -217,7 +219,7 @@ def train_step(m, method, k, step):
         with torch.no_grad():
             x = sample(m, noise, sigmas[:start + 1])
         if method == "refl":
-            v = train.velocity(m.transformer, x, sigmas[start], m.cond, m.targs.guidance)
+            v = velocity(m.transformer, x, sigmas[start], m.cond, m.targs.guidance)
             x0_hat = predict_x0(x, v, sigmas[start])
         else:
             x0_hat = sample(m, x, sigmas[start:])
@@ -298,20 +300,20 @@ def stability(args, m):
     """Section 2: at each sigma, on the same noises and rollouts, one velocity v = v_theta(x_sigma), then the reward
     gradient through the one-step prediction x0_hat = x_sigma - sigma v and through Direct-Align to
     sigma - delta (delta: the release's branch gap). By the chain rule d x0_hat / d v is -sigma for the first and
-    -delta / (1 - sigma + delta) for the second (SPEC §2): their ratio is the predicted column."""
+    -delta / (1 - sigma + delta) for the second (METHOD.md §2): their ratio is the predicted column."""
     delta = branch_gap()
     params = [p for p in m.transformer.parameters() if p.requires_grad]
     samples = []
     for i in range(STABILITY_SAMPLES):
-        noise = train.latent_noise(m.res, train.rng(0, "stability", i), m.device)
-        samples.append((noise, train.rollout(m.transformer, noise, m.cond, m.targs.rollout_steps, m.targs.shift,
+        noise = latent_noise(m.res, train.rng(0, "stability", i), m.device)
+        samples.append((noise, rollout(m.transformer, noise, m.cond, m.targs.rollout_steps, m.targs.shift,
                                              m.targs.rollout_guidance)))
     rows = []
     for sigma in args.sigmas:
         sums = {}
         for noise, x0 in samples:
             x = inject_noise(x0, noise, sigma)
-            v = train.velocity(m.transformer, x, sigma, m.cond, m.targs.guidance)
+            v = velocity(m.transformer, x, sigma, m.cond, m.targs.guidance)
             for name, x0_hat in (("one_step", predict_x0(x, v, sigma)),
                                  ("direct_align", direct_align(lambda *_: v, x0, noise, sigma, sigma - delta))):
                 grad_v, *grad_w = torch.autograd.grad(reward(m, x0_hat, 0).sum(), [v, *params], retain_graph=True,
@@ -363,7 +365,7 @@ def overhead(args, dirs, m):
     train_step_s = {}
     for strategy in ("fsdp", "ddp"):
         out = os.path.join(dirs.root, f"train-{strategy}")
-        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+        command = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"),
                    "--model", dirs.flux, "--reward-path", dirs.clip, "--prompts", prompts, "--output-dir", out,
                    "--strategy", strategy, "--steps", str(args.repeats + 1), "--resolution", str(args.resolution),
                    "--max-sequence-length", str(args.text_len), "--rollout-steps", str(args.rollout_steps),
@@ -371,12 +373,12 @@ def overhead(args, dirs, m):
                    "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode:
-            train.fail(f"train.py --strategy {strategy} failed: {done.stderr.strip().splitlines()[-1]}")
+            fail(f"train.py --strategy {strategy} failed: {done.stderr.strip().splitlines()[-1]}")
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         train_step_s[strategy] = statistics.median(r["step_time_s"] for r in rows[1:])  # the first step warms up
 
     n, d = m.targs.rollout_steps, m.device
-    x = train.latent_noise(m.res, train.rng(0, "parts"), d)
+    x = latent_noise(m.res, train.rng(0, "parts"), d)
     t = torch.full((1,), 0.5, device=d)
     latents = torch.randn(1, 16, m.res // 8, m.res // 8, device=d, requires_grad=True)
     image = torch.rand(1, 3, m.res, m.res, device=d, requires_grad=True)
@@ -477,7 +479,7 @@ def activation_estimate():
     Without checkpointing the transformer keeps every block's internals; with it (diffusers checkpoints each
     block) only each block's inputs, (512 + 2025) x 3072 bf16 values, plus one block's internals at a time."""
     tokens_txt, tokens_img = PLAN_TEXT_TOKENS, (PLAN_RESOLUTION // 16) ** 2
-    cond = train.conditioning({"encoder_hidden_states": torch.randn(1, tokens_txt, FLUX_DEV["joint_attention_dim"]),
+    cond = conditioning({"encoder_hidden_states": torch.randn(1, tokens_txt, FLUX_DEV["joint_attention_dim"]),
                                "pooled_projections": torch.randn(1, FLUX_DEV["pooled_projection_dim"])},
                               PLAN_RESOLUTION, torch.device("cpu"))
 
@@ -485,14 +487,14 @@ def activation_estimate():
         model = empty_model(lambda: FluxTransformer2DModel(**dict(FLUX_DEV, num_layers=1, num_single_layers=1,
                                                                    attention_head_dim=head_dim,
                                                                    axes_dims_rope=rope_axes(head_dim))))
-        x = train.latent_noise(PLAN_RESOLUTION, torch.Generator().manual_seed(0), torch.device("cpu"))
-        return saved_bytes(lambda: train.velocity(model, x, 0.5, cond, 3.5), model,
+        x = latent_noise(PLAN_RESOLUTION, torch.Generator().manual_seed(0), torch.device("cpu"))
+        return saved_bytes(lambda: velocity(model, x, 0.5, cond, 3.5), model,
                            [("double", model.transformer_blocks[0]), ("single", model.single_transformer_blocks[0])])
 
     def vae(resolution):
         model = empty_model(lambda: AutoencoderKL(**FLUX_VAE))
         x = torch.zeros(1, (resolution // 16) ** 2, 64, requires_grad=True)
-        return saved_bytes(lambda: train.decode(model, x, resolution), model)
+        return saved_bytes(lambda: decode(model, x, resolution), model)
 
     def clip(head_dim):
         vision = dict(VIT_H_14["vision_config"], hidden_size=16 * head_dim, intermediate_size=64 * head_dim)
@@ -515,7 +517,7 @@ def activation_estimate():
 
 def rank_memory(num_params, world_size, strategy, block_params, frozen_bytes, activations):
     """Bytes per rank: train.memory_plan's fp32 weights, grads and AdamW states (the numbers train.py prints at
-    start), plus the larger of what the two phases of a step add on top (SPEC §5):
+    start), plus the larger of what the two phases of a step add on top (METHOD.md §5):
       training: compute copies (FSDP all-gathers bf16 weights block by block, two blocks at once (prefetch) and
         the root module's for the whole step, and holds one block's unsharded grads in bf16 and, for the
         reduce-scatter, in fp32; DDP's autocast keeps a bf16 copy of every weight through the step, and

@@ -1,5 +1,5 @@
 """Tests of bench.py: the memory plan's arithmetic against parameters counted by hand and by summing real models,
-and one --quick run's JSON (not its speed). Run: python -m pytest -q test_bench.py"""
+and one --quick run's JSON (not its speed). Run: python -m pytest -q experiments/test_bench.py"""
 import json
 import os
 import subprocess
@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-import bench
+from experiments import bench
 import train
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
 TINY = dict(bench.FLUX_DEV, num_layers=2, num_single_layers=3, num_attention_heads=2, attention_head_dim=16,
             joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=bench.rope_axes(16))
@@ -89,7 +89,7 @@ def test_flags_are_checked_in_one_line(capsys):
 
 
 def test_quick_run_writes_every_table_and_the_json(tmp_path):
-    done = subprocess.run([sys.executable, "bench.py", "--quick", "--draft-k", "1", "3", "--json",
+    done = subprocess.run([sys.executable, "-m", "experiments.bench", "--quick", "--draft-k", "1", "3", "--json",
                            str(tmp_path / "bench.json"), "--plot", str(tmp_path / "plot.png")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-8000:]

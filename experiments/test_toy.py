@@ -1,6 +1,6 @@
 """Tests of toy.py: scenes match their captions, a world builds deterministically, loads through the ordinary
 from_pretrained paths, and SRPO's control words steer it (claim 2's direction). Only the quick world is built
-here (seconds); the full world and the demo's claims are `python toy.py build && python toy.py demo`."""
+here (seconds); the full world and the demo's claims are `python -m experiments.toy build && python -m experiments.toy demo`."""
 import os
 import tempfile
 
@@ -9,11 +9,10 @@ import torch
 from diffusers import FluxPipeline
 from transformers import AutoTokenizer, CLIPModel
 
-import toy
+from experiments import toy
 from srpo_reward import load_reward
 
 torch.set_num_threads(2)
-pytestmark = pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # train.py's own filter, which pytest resets
 
 
 @pytest.fixture(scope="module")

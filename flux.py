@@ -1,0 +1,148 @@
+"""FLUX plumbing that SRPO needs around the transformer: text conditioning, packed latents, the velocity, the
+no-gradient rollout, decoding, and loading the 12B transformer one shard per rank (METHOD.md §5).
+
+Nothing here is SRPO: it is what diffusers' FluxPipeline does inside its sampling loop, split into the pieces the
+method calls one at a time. A second model family would plug in by providing the same functions.
+Shapes: packed latents x are (1, (H/16) * (W/16), 64), 16 VAE channels in 2x2 patches.
+"""
+import hashlib
+import json
+import math
+import os
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+from tqdm import tqdm
+
+from direct_align import euler_step, sigma_schedule
+
+
+def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, dtype):
+    """FLUX conditioning of each prompt: T5 sequence and CLIP pooled embeddings (METHOD.md §5). They depend only
+    on the caption, so they are computed once, cached as safetensors, and the text encoders are freed."""
+    stamp = os.path.getmtime(os.path.join(model_dir, "model_index.json"))  # a model rebuilt in place: new keys
+
+    def path(prompt):
+        key = f"{os.path.abspath(model_dir)}|{stamp}|{max_sequence_length}|{prompt}"
+        return os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
+    todo = [p for p in dict.fromkeys(prompts) if not os.path.isfile(path(p))]
+    if todo:
+        os.makedirs(cache_dir, exist_ok=True)
+        pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype).to(device)
+        for prompt in tqdm(todo, desc="text embeddings", leave=False, disable=len(todo) < 50):
+            with torch.no_grad():
+                embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device,
+                                                       max_sequence_length=max_sequence_length)
+            tmp = f"{path(prompt)}.{os.getpid()}.tmp"
+            save_file({"encoder_hidden_states": embeds.cpu(), "pooled_projections": pooled.cpu()}, tmp)
+            os.replace(tmp, path(prompt))
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {p: {k: v.to(device) for k, v in load_file(path(p)).items()} for p in dict.fromkeys(prompts)}
+
+
+def velocity(transformer, x, sigma, cond, guidance):
+    """FLUX's velocity v = noise - x0 at packed latents x. The release feeds the timestep
+    floor(sigma * 1000) / 1000 (METHOD.md §3); guidance only where the model embeds it (FLUX.1-dev does)."""
+    t = torch.full((x.shape[0],), math.floor(float(sigma) * 1000) / 1000, device=x.device)
+    g = torch.full_like(t, guidance) if guidance is not None else None
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+        v = transformer(hidden_states=x, timestep=t, guidance=g, return_dict=False, **cond)[0]
+    return v.float()
+
+
+def latent_noise(resolution, generator, device):
+    """Gaussian noise in FLUX's packed layout: 16 channels at H/8 x W/8, in 2x2 patches (METHOD.md §5)."""
+    h = w = resolution // 8
+    noise = torch.randn(1, 16, h, w, generator=generator)
+    return FluxPipeline._pack_latents(noise, 1, 16, h, w).to(device)
+
+
+def conditioning(embeds, resolution, device):
+    """The transformer's keyword inputs besides x and t: text embeddings, text ids zeros(L, 3), image ids
+    [0, row, col] of the 2x2 patches."""
+    ids = FluxPipeline._prepare_latent_image_ids(1, resolution // 16, resolution // 16, device, torch.float32)
+    txt_ids = torch.zeros(embeds["encoder_hidden_states"].shape[1], 3, device=device)
+    return dict(embeds, txt_ids=txt_ids, img_ids=ids)
+
+
+@torch.no_grad()
+def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
+    """x0 of the current model: Euler steps on the shift-3 grid from pure noise (METHOD.md §5), no gradient.
+    Under FSDP2 each block keeps its gathered weights for all the steps (one all-gather per rollout, not
+    one per step; FLUX's bf16 copy fits beside the shards from 8 GPUs on) and frees them at the end."""
+    blocks = [m for m in transformer.modules() if isinstance(m, FSDPModule) and m is not transformer]
+    for block in blocks:
+        block.set_reshard_after_forward(False)
+    sigmas = sigma_schedule(steps, shift)
+    x = noise
+    for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), desc="rollout", leave=False,
+                                  disable=not progress):
+        x = euler_step(x, velocity(transformer, x, sigma, cond, guidance), sigma, sigma_next)
+    for block in blocks:
+        block.reshard()
+        block.set_reshard_after_forward(True)
+    return x
+
+
+def decode(vae, x, resolution):
+    """Packed latents -> images in [0, 1]: unpack, undo the VAE's shift/scale, decode, clamp(img/2 + 0.5)."""
+    latents = FluxPipeline._unpack_latents(x, resolution, resolution, 2 ** (len(vae.config.block_out_channels) - 1))
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+        image = vae.decode(latents, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_image(vae, pixels, generator):
+    """Offline mode's x0 (METHOD.md §5): uint8 pixels (H, W, 3), already at the training size, mapped to [-1, 1],
+    encoded by the VAE, shifted and scaled, packed."""
+    h, w = pixels.shape[:2]
+    x = (pixels.permute(2, 0, 1)[None].float() / 127.5 - 1).to(vae.device)
+    latents = vae.encode(x).latent_dist.sample(generator=generator)
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return FluxPipeline._pack_latents(latents.float(), 1, 16, h // 8, w // 8)
+
+
+def checkpoint_files(model_dir):
+    """{tensor name: safetensors file} of a diffusers transformer folder, one file or an index of shards."""
+    folder = os.path.join(model_dir, "transformer")
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    if os.path.isfile(index):
+        return {k: os.path.join(folder, f) for k, f in json.load(open(index))["weight_map"].items()}
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    with safe_open(path, "pt") as f:
+        return {k: path for k in f.keys()}
+
+
+def fill_from_checkpoint(transformer, model_dir, device):
+    """Fill a transformer built on the meta device (and sharded, or not) from its safetensors, one tensor at a
+    time: each full tensor is read lazily, cast to the parameter's dtype, and this rank keeps only its own
+    shard. A rank's peak is then its shard plus the largest single tensor, never the whole model."""
+    files, params = checkpoint_files(model_dir), dict(transformer.named_parameters())
+    if files.keys() != params.keys():
+        missing = sorted(params.keys() - files.keys()) or sorted(files.keys() - params.keys())
+        raise ValueError(f"{model_dir}/transformer: {len(missing)} tensors differ from the config, e.g. {missing[0]}")
+    handles = {}
+    for name, param in params.items():
+        f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "pt", device="cpu"))
+        full = f.get_tensor(name).to(device=device, dtype=param.dtype)
+        if isinstance(param, DTensor):  # keep this rank's piece; every rank read the same tensor: no communication
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param = param.to_local()
+        param.copy_(full)
+        del full
+    return transformer
+
+
+def transformer_on_meta(model_dir):
+    """FluxTransformer2DModel from the folder's config on the meta device: shapes only, no memory."""
+    config = FluxTransformer2DModel.load_config(model_dir, subfolder="transformer")
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(config)

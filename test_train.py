@@ -1,0 +1,211 @@
+"""Tests of train.py and flux.py: runs under torchrun with FSDP2 and DDP against each other and against diffusers'
+FluxPipeline, exact resume, the Direct-Align step's gradient path, offline mode against diffusers' image processor,
+and bad input. CPU only, tiny random models built offline."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+import flux
+import train
+from srpo_reward import load_reward
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
+torch.set_num_threads(2)
+FAST = ["--rollout-steps", "3", "--resolution", "32", "--sample-every", "0", "--max-sequence-length", "32"]
+
+
+def run_train(*args, nproc=1):
+    # --standalone: a free port of its own, so runs beside other torchrun jobs do not collide on 29500
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def dcp_state(checkpoint):
+    """A checkpoint's sharded training state, gathered into one dict by torch's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(os.path.join(checkpoint, "state"), os.path.join(d, "state.pt"))
+        return torch.load(os.path.join(d, "state.pt"), weights_only=False)
+
+
+def close_updates(a, b, start, rtol=1e-2):
+    """a and b moved from start by the same update, up to rtol of the update's size. Two runs that do the same
+    math in another order (all-reduce against reduce-scatter, another CPU's SIMD width) differ in the last bits
+    of each gradient; AdamW divides by the gradient's own scale, so those bits end up relative to the update."""
+    return bool((a - b).norm() <= rtol * (a - start).norm() + 1e-12)
+
+
+def test_fsdp_and_ddp_with_checkpointing_agree_and_the_checkpoint_loads_into_flux_pipeline(tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import load_file
+    from tiny import tiny_model_paths
+    for strategy, checkpointing in (("fsdp", "--no-gradient-checkpointing"), ("ddp", "--gradient-checkpointing")):
+        done = run_train("--strategy", strategy, checkpointing, "--output-dir", str(tmp_path / strategy), "--steps",
+                         "2", "--lr", "1e-3", *FAST, "--sample-every", "2", nproc=2)
+        assert done.returncode == 0, done.stderr[-12000:]
+    fsdp, ddp = (dcp_state(tmp_path / s / "checkpoint-2") for s in ("fsdp", "ddp"))
+    start = FluxTransformer2DModel.from_pretrained(tiny_model_paths()[0], subfolder="transformer").state_dict()
+    assert set(fsdp["model"]) == set(start)
+    for key in start:  # relative to the update: CPUs round the two strategies' reductions differently
+        assert close_updates(fsdp["model"][key], ddp["model"][key], start[key]), key
+    assert sum((fsdp["model"][k] - start[k]).abs().sum() for k in start) > 0.1  # training moved the weights
+    rows = [json.loads(line) for line in open(tmp_path / "fsdp" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["reward_inversion"] is not None for r in rows)
+    assert {"loss", "reward_denoise", "sigma_denoise", "sigma_inversion", "k_denoise", "k_inversion", "grad_norm",
+            "lr", "step_time_s"} <= set(rows[0])
+    from PIL import Image
+    assert Image.open(tmp_path / "fsdp" / "samples" / "step-000002.png").size == (64, 32)  # 2 ranks, 32 px
+    # The published file: diffusers naming, loads into FluxPipeline's transformer and generates.
+    ckpt = tmp_path / "fsdp" / "checkpoint-2"
+    weights = load_file(ckpt / "diffusion_pytorch_model.safetensors")
+    pipe = FluxPipeline.from_pretrained(tiny_model_paths()[0])
+    pipe.transformer.load_state_dict(weights, strict=True)
+    image = pipe("a red car", height=32, width=32, num_inference_steps=2, max_sequence_length=32,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    reloaded = FluxTransformer2DModel.from_pretrained(ckpt)
+    for key, value in reloaded.state_dict().items():
+        assert torch.allclose(value.float(), fsdp["model"][key], atol=1e-2 * (1 + fsdp["model"][key].abs().max()))
+
+
+def test_two_steps_resumed_for_two_more_equal_four_steps(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for args in ([a, "--steps", "4"], [b, "--steps", "2"], [b, "--steps", "4", "--resume"]):
+        done = run_train("--output-dir", *args, "--lr", "1e-3", *FAST)
+        assert done.returncode == 0, done.stderr[-12000:]
+    assert "resumed from" in done.stdout + done.stderr
+    sa, sb = dcp_state(os.path.join(a, "checkpoint-4")), dcp_state(os.path.join(b, "checkpoint-4"))
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key  # bit for bit
+    for key, state in sa["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, sb["optimizer"]["state"][key][name]), (key, name)
+    rows = lambda d: [{k: v for k, v in json.loads(line).items() if k != "step_time_s"}  # noqa: E731
+                      for line in open(os.path.join(d, "metrics.jsonl"))]
+    assert rows(a) == rows(b) and len(rows(a)) == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    """The tiny transformer, VAE and reward through train.py's own loading paths, and one prompt's conditioning."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from tiny import tiny_model_paths
+    flux_dir, clip_dir = tiny_model_paths()
+    vae = AutoencoderKL.from_pretrained(flux_dir, subfolder="vae").eval().requires_grad_(False)
+    reward = load_reward("hps", clip_dir)
+    embeds = flux.encode_prompts(flux_dir, ["a cat"], 32, tempfile.mkdtemp(), torch.device("cpu"), torch.float32)
+    cond = flux.conditioning(embeds["a cat"], 32, torch.device("cpu"))
+    new_transformer = lambda: FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer")  # noqa: E731
+    return new_transformer, vae, reward, cond
+
+
+def test_direct_align_step_sends_gradient_to_the_transformer_only(tiny_parts):
+    new_transformer, vae, reward, cond = tiny_parts
+    transformer = new_transformer()
+    args = train.parse_args(["--resolution", "32"])
+    noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    x0 = flux.rollout(transformer, noise, cond, 3, 3.0, 1.0)
+    out = train.srpo_step(transformer, vae, reward, x0, noise, cond, "a cat", 0, torch.Generator().manual_seed(1),
+                          args)
+    assert set(out) >= {"loss", "reward_denoise", "reward_inversion"} and out["loss"] > 0
+    assert all(p.grad is not None for p in transformer.parameters())
+    assert sum(p.grad.abs().sum() for p in transformer.parameters()) > 0
+    assert all(p.grad is None for p in vae.parameters())
+    assert all(p.grad is None for p in reward.model.parameters())
+
+
+def test_offline_mode_trains_on_the_vae_encoding_of_captioned_images(tmp_path, tiny_parts):
+    from diffusers import FluxPipeline
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+    _, vae, _, _ = tiny_parts
+    for i in range(2):
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"a photo of a cat number {i}\n")
+    done = run_train("--image-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--steps", "2", *FAST)
+    assert done.returncode == 0, done.stderr[-12000:]
+    assert len(open(tmp_path / "out" / "metrics.jsonl").readlines()) == 2
+    # x0 is the image as diffusers' own image processor prepares it, encoded, shifted, scaled and packed
+    from inputs import load_image
+    x0 = flux.encode_image(vae, load_image(tmp_path / "0.png", 32), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latent = vae.encode(VaeImageProcessor().preprocess(Image.open(tmp_path / "0.png"))).latent_dist.sample(
+            generator=torch.Generator().manual_seed(0))
+    latent = (latent - vae.config.shift_factor) * vae.config.scaling_factor
+    assert torch.allclose(x0, FluxPipeline._pack_latents(latent, 1, 16, 4, 4), atol=1e-5)
+
+
+class Brightness:
+    """An SRP-shaped reward whose optimum is known: the mean brightness when the positive prompt carries
+    "bright", minus it when the roles are swapped (as the inversion branch swaps them)."""
+    def srp(self, images, pos_prompts, neg_prompts, k):
+        return images.mean(dim=(1, 2, 3)) * (1 if pos_prompts[0].startswith("bright") else -1)
+
+
+@pytest.mark.parametrize("branches", ["both", "denoise", "inversion"])
+def test_training_on_a_brightness_reward_makes_rollouts_brighter(tiny_parts, branches):
+    new_transformer, vae, _, cond = tiny_parts
+    transformer = new_transformer()
+    args = train.parse_args(["--resolution", "32", "--branches", branches, "--pos-words", "bright",
+                             "--neg-words", "dark", "--threshold", "2"])
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=2e-3)
+    noises = [flux.latent_noise(32, torch.Generator().manual_seed(100 + i), torch.device("cpu")) for i in range(4)]
+
+    def brightness():
+        with torch.no_grad():
+            return torch.stack([flux.decode(vae, flux.rollout(transformer, n, cond, 3, 3.0, 1.0), 32).mean()
+                                for n in noises]).mean().item()
+    before = brightness()
+    for step in range(8):
+        noise = flux.latent_noise(32, torch.Generator().manual_seed(step), torch.device("cpu"))
+        x0 = flux.rollout(transformer, noise, cond, 3, 3.0, 1.0)
+        train.srpo_step(transformer, vae, Brightness(), x0, noise, cond, "a cat", step,
+                        torch.Generator().manual_seed(step), args)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert brightness() > before + 0.01, branches
+
+
+# ---------------------------------------------------------------- train.py: bad input, one line each
+
+def test_bad_inputs_end_with_one_line(tmp_path, capsys):
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            train.main([*FAST, "--output-dir", str(tmp_path / "out"), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ")
+        return err[-1]
+    assert "not a diffusers pipeline folder" in error("--model", str(tmp_path / "nope"))
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert "does not name a FLUX pipeline" in error("--model", str(tmp_path / "sd"))
+    from tiny import tiny_model_paths
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert "--model needs --reward-path" in error("--model", tiny_model_paths()[0], "--prompts", str(tmp_path / "p.txt"))
+    assert "--prompts" in error("--prompts", str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert "no prompts" in error("--prompts", str(tmp_path / "empty.txt"))
+    assert "--resolution 100: must be a multiple of 16" in error("--resolution", "100")
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+    Image.new("RGB", (40, 40)).save(tmp_path / "imgs" / "a.png")
+    assert "a.png has no caption file" in error("--image-dir", str(tmp_path / "imgs"))
+    assert "HPS_v2.1_compressed.pt" in error("--reward-path", str(tmp_path / "hps.pt"))
+    assert "at step 2: stopped before the optimizer step" in error("--lr", "1e30", "--steps", "3", "--checkpoint-every", "1")
+    assert os.listdir(tmp_path / "out" / "checkpoint-1") and not os.path.exists(tmp_path / "out" / "checkpoint-2")
+    assert "pass --resume" in error("--steps", "3")
+
+
+def test_bad_input_prints_no_traceback():
+    done = run_train("--resolution", "100")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "error: --resolution 100: must be a multiple of 16 (8x VAE, then 2x2 patches)"
