@@ -23,7 +23,9 @@ from direct_align import euler_step, sigma_schedule
 
 def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, dtype):
     """FLUX conditioning of each prompt: T5 sequence and CLIP pooled embeddings (METHOD.md §5). They depend only
-    on the caption, so they are computed once, cached as safetensors, and the text encoders are freed."""
+    on the caption, so they are computed once, cached as safetensors, and the text encoders are freed. Returns
+    embeds(prompt), which reads one prompt's tensors from the cache onto the device (a few MB each: read when
+    used rather than all kept on the GPU)."""
     stamp = os.path.getmtime(os.path.join(model_dir, "model_index.json"))  # a model rebuilt in place: new keys
 
     def path(prompt):
@@ -43,7 +45,7 @@ def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, d
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {p: {k: v.to(device) for k, v in load_file(path(p)).items()} for p in dict.fromkeys(prompts)}
+    return lambda prompt: load_file(path(prompt), device=str(device))
 
 
 def velocity(transformer, x, sigma, cond, guidance):
@@ -121,7 +123,8 @@ def checkpoint_files(model_dir):
         return {k: path for k in f.keys()}
 
 
-def fill_from_checkpoint(transformer, model_dir, device):
+@torch.no_grad()
+def fill_from_checkpoint(transformer, model_dir):
     """Fill a transformer built on the meta device (and sharded, or not) from its safetensors, one tensor at a
     time: each full tensor is read lazily, cast to the parameter's dtype, and this rank keeps only its own
     shard. A rank's peak is then its shard plus the largest single tensor, never the whole model."""
@@ -132,7 +135,7 @@ def fill_from_checkpoint(transformer, model_dir, device):
     handles = {}
     for name, param in params.items():
         f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "pt", device="cpu"))
-        full = f.get_tensor(name).to(device=device, dtype=param.dtype)
+        full = f.get_tensor(name).to(device=param.device, dtype=param.dtype)
         if isinstance(param, DTensor):  # keep this rank's piece; every rank read the same tensor: no communication
             full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             param = param.to_local()

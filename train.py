@@ -20,6 +20,8 @@ import re
 import shutil
 import time
 import warnings
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -36,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
-from flux import conditioning, decode, encode_image, encode_prompts, latent_noise, rollout, velocity
+from flux import (conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint, latent_noise, rollout,
+                  transformer_on_meta, velocity)
 from inputs import IMAGE_EXTENSIONS, fail, load_image, read_prompts
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
 
@@ -83,6 +86,8 @@ def parse_args(argv=None):
       help="denoise alone shows reward hacking, the release's README suggests, for comparison")
     a("--max-sequence-length", type=int, default=512, help="T5 tokens of the FLUX conditioning")
     # optimization (METHOD.md §5)
+    a("--batch-size", type=int, help="prompts per optimizer step over all ranks, accumulated one at a time on each; "
+                                     "default 32 (the release: one on each of 32 GPUs), 2 on the tiny models")
     a("--steps", type=int, default=20, help="optimizer steps (the release: about 20 on 32 GPUs)")
     a("--lr", type=float, default=5e-6)
     a("--betas", type=float, nargs=2, default=(0.9, 0.999))
@@ -100,11 +105,17 @@ def parse_args(argv=None):
     for key, value in RECIPES[args.reward].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    # the CPU run on tiny models gets a laptop's size and batch; a real --model the release's
     args.resolution = args.resolution or (720 if args.model else 64)
+    args.batch_size = args.batch_size or (32 if args.model else 2)
     return args
 
 
 def check_inputs(args):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size < 1 or args.batch_size % world:
+        fail(f"--batch-size {args.batch_size}: must be a positive multiple of the {world} ranks (each accumulates "
+             f"batch-size / ranks prompts)")
     if args.resolution % 16:
         fail(f"--resolution {args.resolution}: must be a multiple of 16 (8x VAE, then 2x2 patches)")
     if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
@@ -145,20 +156,24 @@ def rng(*key):
     return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
 
 
-def memory_plan(num_params, world_size, strategy):
+def memory_plan(num_params, world_size, strategy, largest_tensor=0):
     """Bytes each rank holds for fp32 master weights, fp32 gradients and AdamW's two fp32 states (METHOD.md §5):
-    FSDP full shard divides all three by the world size, DDP keeps full copies on every rank."""
+    FSDP full shard divides all three by the world size, DDP keeps full copies on every rank. And the peak while
+    loading: FSDP fills its shard one tensor at a time (flux.fill_from_checkpoint), so its shard plus one full
+    fp32 tensor; DDP loads the whole fp32 model."""
     shard = world_size if strategy == "fsdp" else 1
     plan = {"weights": 4 * num_params / shard, "grads": 4 * num_params / shard,
             "optimizer": 8 * num_params / shard}
     plan["total"] = sum(plan.values())
+    plan["load_peak"] = 4 * num_params / shard + (4 * largest_tensor if strategy == "fsdp" else 0)
     return plan
 
 
-def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generator, args):
+def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generator, args, loss_scale=1.0):
     """Direct-Align on both branches of one sample, with the SRP reward (METHOD.md §2-§4). Each branch's loss
-    relu(threshold - r) / n_branches is backpropagated at once, so the gradients accumulate. Returns the
-    step's numbers: loss, and reward / sigma from, to / k of each branch."""
+    relu(threshold - r) / n_branches, times loss_scale (1 / the prompts a rank accumulates), is backpropagated
+    at once, so the gradients accumulate. Returns the sample's numbers, unscaled: loss, and reward / sigma
+    from, to / k of each branch."""
     window = train_window(args.window_start, args.window_end, shift=args.shift)
     t_star = sample_t_star(len(window), generator)
     sigmas = branch_sigmas(window, t_star, default_gap(args.rho, len(window)))
@@ -176,11 +191,30 @@ def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generato
         with torch.autocast("cuda", torch.bfloat16, enabled=x0.device.type == "cuda"):
             r = reward.srp(decode(vae, x0_hat, args.resolution), [p], [n], k).float()
         loss = srpo_loss(r, args.threshold).mean() / len(names)
-        loss.backward()
+        (loss * loss_scale).backward()
         out["loss"] += loss.item()
         out.update({f"reward_{name}": r.item(), f"sigma_{name}_from": sigma_from, f"sigma_{name}_to": sigma_to,
                     f"k_{name}": k})
     return out
+
+
+@contextmanager
+def timer(seconds, key, cuda):
+    """Adds the wall time of the block to seconds[key] (after the GPU's queued work, on CUDA)."""
+    t0 = time.time()
+    yield
+    if cuda:
+        torch.cuda.synchronize()
+    seconds[key] += time.time() - t0
+
+
+def peak_memory_gib(device):
+    """torch.cuda.max_memory_allocated so far, the largest over ranks; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -281,10 +315,17 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
-    # fp32 master weights (METHOD.md §5), loaded straight onto this rank's device (no host copy), sharded below
-    transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=torch.float32,
-                                                         device_map=str(device)).train()
+    # fp32 master weights (METHOD.md §5). FSDP2: built on the meta device, each block one all-gather unit, then
+    # the root; then each rank fills only its shards from the checkpoint, so no rank ever holds the full model.
+    # DDP needs the full copy anyway: loaded straight onto this rank's device.
+    if args.strategy == "fsdp":
+        transformer = transformer_on_meta(args.model)
+    else:
+        transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=torch.float32,
+                                                             device_map=str(device))
+    transformer.train()
     num_params = sum(p.numel() for p in transformer.parameters())
+    largest = max(p.numel() for p in transformer.parameters())
     if not transformer.config.guidance_embeds:  # FLUX.1-schnell and the like: no guidance input
         args.guidance = args.rollout_guidance = None
     if args.gradient_checkpointing is None:
@@ -292,25 +333,29 @@ def main(argv=None):
     if args.gradient_checkpointing:  # the VAE's decoder too: its activations at 720x720 are the next largest
         transformer.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
-    if args.strategy == "fsdp":  # FSDP2: each block is one all-gather unit, then the root (METHOD.md §5)
+    if args.strategy == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             fully_shard(block, mp_policy=mp)
         fully_shard(transformer, mp_policy=mp)
+        fill_from_checkpoint(transformer.to_empty(device=device), args.model)
     else:
         transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None,
                                               gradient_as_bucket_view=True)  # no second copy of the gradients
-    plan = memory_plan(num_params, world, args.strategy)
+    plan = memory_plan(num_params, world, args.strategy, largest)
     say(f"transformer: {num_params / 1e6:.1f}M parameters; per rank under {args.strategy} x {world}: "
         + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in plan.items()))
 
-    # data: every rank has its own prompt each step, in one seeded order; text embeddings cached
+    # data: prompt b (0 <= b < batch size) of each step in one seeded order; this rank takes b in `mine`. Every
+    # random draw is keyed by (step, b), never by rank, so the world size is invisible to the math.
     order = torch.randperm(len(captions), generator=rng(args.seed, "order")).tolist()
-    index = lambda step, r=rank: order[(step * world + r) % len(order)]  # noqa: E731
+    index = lambda step, b: order[(step * args.batch_size + b) % len(order)]  # noqa: E731
+    per_rank = args.batch_size // world
+    mine = range(rank * per_rank, (rank + 1) * per_rank)
     sample_caption = captions[rank % len(captions)]
-    mine = [captions[index(s)] for s in range(args.steps)] + [sample_caption]
-    embeds = encode_prompts(args.model, mine, args.max_sequence_length, os.path.join(args.output_dir, "text_cache"),
-                            device, torch.bfloat16 if cuda else torch.float32)
+    prompts = [captions[index(s, b)] for s in range(args.steps) for b in mine] + [sample_caption]
+    embeds = encode_prompts(args.model, prompts, args.max_sequence_length,
+                            os.path.join(args.output_dir, "text_cache"), device, torch.bfloat16 if cuda else torch.float32)
     sample_noise = latent_noise(args.resolution, rng(args.seed, "sample", rank), device)
 
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, betas=tuple(args.betas),
@@ -329,31 +374,41 @@ def main(argv=None):
         with open(metrics_path, "w") as f:  # drop lines of steps a crash lost: they are redone
             f.writelines(kept)
     if args.sample_every and start == 0:
-        save_samples(transformer, vae, sample_noise, conditioning(embeds[sample_caption], args.resolution, device),
+        save_samples(transformer, vae, sample_noise, conditioning(embeds(sample_caption), args.resolution, device),
                      sample_caption, os.path.join(args.output_dir, "samples", "step-000000.png"), args, rank, world)
 
     last_checkpoint = os.path.join(args.output_dir, f"checkpoint-{start}") if start else "none"
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="srpo", disable=not master)
     for step in bar:
         t0 = time.time()
-        caption = captions[index(step)]
-        cond = conditioning(embeds[caption], args.resolution, device)
-        noise = latent_noise(args.resolution, rng(args.seed, "noise", step), device)  # the same on every rank
-        if image_paths:  # offline: a real image and a fresh noise shared by all ranks
-            x0 = encode_image(vae, load_image(image_paths[index(step)], args.resolution),
-                              rng(args.seed, "vae", step, rank))
-        else:  # online: the current model's own sample from that noise
-            x0 = rollout(transformer, noise, cond, args.rollout_steps, args.shift, args.rollout_guidance,
-                         progress=master and cuda)
-        out = srpo_step(transformer, vae, reward, x0, noise, cond, caption, step,
-                        rng(args.seed, "t", step, rank), args)
+        noise = latent_noise(args.resolution, rng(args.seed, "noise", step), device)  # one noise for the whole batch
+        sums, seconds = Counter(), Counter()
+        for j, b in enumerate(mine):  # accumulate this rank's prompts; the gradient is the batch's mean
+            if per_rank > 1:
+                bar.set_postfix_str(f"prompt {j + 1}/{per_rank}")
+            caption = captions[index(step, b)]
+            cond = conditioning(embeds(caption), args.resolution, device)
+            with timer(seconds, "rollout", cuda):
+                if image_paths:  # offline: a real image, with the step's noise
+                    x0 = encode_image(vae, load_image(image_paths[index(step, b)], args.resolution),
+                                      rng(args.seed, "vae", step, b))
+                else:  # online: the current model's own sample from that noise
+                    x0 = rollout(transformer, noise, cond, args.rollout_steps, args.shift, args.rollout_guidance,
+                                 progress=master and cuda)
+            # DDP reduces once, at the last prompt's backward; FSDP2 reduce-scatters every backward into
+            # sharded gradients (an unsharded copy of FLUX's gradients would not fit)
+            sync = args.strategy == "fsdp" or j == per_rank - 1
+            with timer(seconds, "branches", cuda), (nullcontext() if sync else transformer.no_sync()):
+                out = srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, rng(args.seed, "t", step, b),
+                                args, loss_scale=1 / per_rank)
+            sums.update(out)
         grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
 
-        # every rank's numbers, averaged; a non-finite loss or gradient stops all ranks before the weights change
-        stats = torch.tensor(list(out.values()), dtype=torch.float64, device=device)
+        # the batch's numbers, averaged; a non-finite loss or gradient stops all ranks before the weights change
+        stats = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
         dist.all_reduce(stats)
-        stats = dict(zip(out, (stats / world).tolist()))
+        stats = dict(zip(sums, (stats / args.batch_size).tolist()))
         if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())):
             bar.close()
             fail(f"loss is {stats['loss']} (gradient norm {grad_norm.item()}) at step {step + 1}: stopped before "
@@ -366,14 +421,16 @@ def main(argv=None):
             record[f"reward_{n}"] = stats.get(f"reward_{n}")
             record[f"sigma_{n}"] = [stats[f"sigma_{n}_from"], stats[f"sigma_{n}_to"]] if f"k_{n}" in stats else None
             record[f"k_{n}"] = stats.get(f"k_{n}")
-        record.update(grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"], step_time_s=time.time() - t0)
+        record.update(grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"], step_time_s=time.time() - t0,
+                      time_rollout_s=seconds["rollout"], time_branches_s=seconds["branches"],
+                      max_memory_gib=peak_memory_gib(device))
         if master:
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0):
             last_checkpoint = save_checkpoint(transformer, optimizer, step + 1, args.output_dir, rank)
         if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
-            save_samples(transformer, vae, sample_noise, conditioning(embeds[sample_caption], args.resolution, device),
+            save_samples(transformer, vae, sample_noise, conditioning(embeds(sample_caption), args.resolution, device),
                          sample_caption, os.path.join(args.output_dir, "samples", f"step-{step + 1:06d}.png"),
                          args, rank, world)
 

@@ -174,7 +174,7 @@ def load(args, dirs):
                                   weight_decay=targs.weight_decay, eps=targs.adam_eps)
     return types.SimpleNamespace(
         transformer=transformer, vae=vae, reward=load_reward("hps", dirs.clip, device=device), optimizer=optimizer,
-        cond=conditioning(embeds[CAPTION], args.resolution, device), targs=targs, device=device,
+        cond=conditioning(embeds(CAPTION), args.resolution, device), targs=targs, device=device,
         res=args.resolution)
 
 
@@ -369,7 +369,7 @@ def overhead(args, dirs, m):
                    "--model", dirs.flux, "--reward-path", dirs.clip, "--prompts", prompts, "--output-dir", out,
                    "--strategy", strategy, "--steps", str(args.repeats + 1), "--resolution", str(args.resolution),
                    "--max-sequence-length", str(args.text_len), "--rollout-steps", str(args.rollout_steps),
-                   "--sample-every", "0", "--checkpoint-every", "0",
+                   "--sample-every", "0", "--checkpoint-every", "0", "--batch-size", "1",
                    "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode:

@@ -288,7 +288,7 @@ def train_clip(seed, steps, generator):
 def flux_embeds(flux_dir, prompts, cache_dir):
     """FLUX conditioning of prompts, batched, through train.py's own encode_prompts (and its cache)."""
     e = encode_prompts(flux_dir, prompts, MAX_SEQUENCE_LENGTH, cache_dir, torch.device("cpu"), torch.float32)
-    return {k: torch.cat([e[p][k] for p in prompts]) for k in ("encoder_hidden_states", "pooled_projections")}
+    return {k: torch.cat([e(p)[k] for p in prompts]) for k in ("encoder_hidden_states", "pooled_projections")}
 
 
 @torch.no_grad()
@@ -515,7 +515,7 @@ def srpo_run(paths, out, name, pos, neg, branches, steps, lr):
                 "--prompts", paths["train_prompts"], "--resolution", str(RESOLUTION),
                 "--max-sequence-length", str(MAX_SEQUENCE_LENGTH), "--pos-words", pos, "--neg-words", neg,
                 "--branches", branches, "--steps", str(steps), "--lr", str(lr), "--checkpoint-every", str(every),
-                "--sample-every", "0", "--output-dir", run])
+                "--sample-every", "0", "--batch-size", "1", "--output-dir", run])
     weights = {}
     for s in sorted({*range(every, steps + 1, every), steps}):
         weights[s] = load_file(os.path.join(run, f"checkpoint-{s}", "diffusion_pytorch_model.safetensors"))
