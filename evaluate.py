@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inputs import fail
+from inputs import fail, read_text
 from srpo_reward import KINDS, load_reward
 
 RESAMPLES = 10_000  # bootstrap resamples: enough that the ends' Monte Carlo error is about 1% of the width
@@ -50,15 +50,14 @@ def read_records(folder):
     if not os.path.isfile(path):
         fail(f"{path}: not found (expected the prompts.jsonl that sample.py writes beside its images)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                r = None
-            if not (isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("prompt"), str)):
-                fail(f"{path}:{n}: expected a JSON object with 'file' and 'prompt'")
-            records.append(r)
+    for n, line in enumerate(read_text(path, "", "what sample.py writes").splitlines(), 1):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            r = None
+        if not (isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("prompt"), str)):
+            fail(f"{path}:{n}: expected a JSON object with 'file' and 'prompt'")
+        records.append(r)
     if not records:
         fail(f"{path}: no images listed")
     return records
@@ -71,8 +70,8 @@ def load_images(paths):
         try:
             with Image.open(path) as im:
                 images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
-        except OSError as e:
-            fail(f"{path}: cannot open as an image ({e})")
+        except Exception as e:  # a damaged file: PIL's decoders raise OSError, SyntaxError, EOFError, struct.error...
+            fail(f"{path}: cannot open as an image ({type(e).__name__}: {e})".splitlines()[0])
     if len({im.shape for im in images}) > 1:
         fail(f"{os.path.dirname(paths[0])}: images of different sizes; expected one sample.py run")
     return torch.stack(images).float() / 255
@@ -124,6 +123,8 @@ def main(argv=None):
     args = parse_args(argv)
     if len(args.dirs) > 2:
         fail(f"DIR: got {len(args.dirs)} folders; expected one, or two (base, then SRPO)")
+    if args.batch_size < 1:
+        fail(f"--batch-size {args.batch_size}: expected at least 1 image per reward forward")
     if len(set(args.reward)) != len(args.reward):
         fail(f"--reward {' '.join(args.reward)}: each reward at most once")
     records = {folder: read_records(folder) for folder in args.dirs}

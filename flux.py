@@ -12,6 +12,7 @@ import os
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
+from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
@@ -124,18 +125,24 @@ def checkpoint_files(model_dir):
 
 
 @torch.no_grad()
-def fill_from_checkpoint(transformer, model_dir):
+def fill_from_checkpoint(transformer, model_dir, lora_seed=0):
     """Fill a transformer built on the meta device (and sharded, or not) from its safetensors, one tensor at a
     time: each full tensor is read lazily, cast to the parameter's dtype, and this rank keeps only its own
-    shard. A rank's peak is then its shard plus the largest single tensor, never the whole model."""
-    files, params = checkpoint_files(model_dir), dict(transformer.named_parameters())
-    if files.keys() != params.keys():
-        missing = sorted(params.keys() - files.keys()) or sorted(files.keys() - params.keys())
+    shard. A rank's peak is then its shard plus the largest single tensor, never the whole model. LoRA adapters
+    (not in the checkpoint) start from initial_lora."""
+    files = checkpoint_files(model_dir)
+    params = {name.replace(".base_layer.", "."): (name, p) for name, p in transformer.named_parameters()}
+    base = {k for k, (name, _) in params.items() if ".lora_" not in name}
+    if files.keys() != base:
+        missing = sorted(base - files.keys()) or sorted(files.keys() - base)
         raise ValueError(f"{model_dir}/transformer: {len(missing)} tensors differ from the config, e.g. {missing[0]}")
     handles = {}
-    for name, param in params.items():
-        f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "pt", device="cpu"))
-        full = f.get_tensor(name).to(device=param.device, dtype=param.dtype)
+    for key, (name, param) in params.items():
+        if key not in files:
+            full = initial_lora(name, param.shape, lora_seed).to(device=param.device, dtype=param.dtype)
+        else:
+            f = handles.get(files[key]) or handles.setdefault(files[key], safe_open(files[key], "pt", device="cpu"))
+            full = f.get_tensor(key).to(device=param.device, dtype=param.dtype)
         if isinstance(param, DTensor):  # keep this rank's piece; every rank read the same tensor: no communication
             full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             param = param.to_local()
@@ -149,3 +156,35 @@ def transformer_on_meta(model_dir):
     config = FluxTransformer2DModel.load_config(model_dir, subfolder="transformer")
     with torch.device("meta"):
         return FluxTransformer2DModel.from_config(config)
+
+
+# Where LoRA adapters go (train.py --lora-rank): the attention projections of both kinds of block and the double
+# blocks' feed-forwards, the default set of diffusers' FLUX LoRA training script (train_dreambooth_lora_flux.py),
+# which Flow-GRPO's FLUX LoRA uses too. "attn.to_q/k/v" match in the single blocks as well.
+LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2")
+
+
+def initial_lora(name, shape, seed):
+    """An adapter's start, the same on every rank and strategy: lora_A ~ N(0, 1 / rank) (peft's "gaussian"), from a
+    generator seeded by the parameter's name; lora_B = 0, so training starts from the base model."""
+    if ".lora_B." in name:
+        return torch.zeros(shape)
+    digest = int(hashlib.sha256(f"{seed}|{name}".encode()).hexdigest()[:15], 16)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(digest)) / shape[0]
+
+
+@torch.no_grad()
+def add_lora(transformer, rank, alpha, base_dtype, seed):
+    """peft LoRA adapters of `rank` on LORA_TARGETS, scaled by alpha / rank (diffusers' add_adapter). The base is
+    frozen in base_dtype (never updated: bf16 on a GPU); the adapters are fp32 and start from initial_lora (small
+    updates at these learning rates vanish in bf16, METHOD.md §7). On the meta device only the dtypes are set:
+    fill_from_checkpoint gives the values."""
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                       target_modules=list(LORA_TARGETS)))
+    for name, p in transformer.named_parameters():
+        p.data = p.data.to(torch.float32 if p.requires_grad else base_dtype)
+        if p.requires_grad and p.device.type != "meta":
+            p.copy_(initial_lora(name, p.shape, seed))
+    return transformer

@@ -2,6 +2,7 @@
 images. A problem ends the run with one line, `error: ...`, naming the flag or file and what was expected, and exit
 code 2 (`fail`), never a traceback."""
 import json
+import math
 import os
 import sys
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -22,17 +24,37 @@ def fail(message):
     sys.exit(2)
 
 
+def check_ranges(args, ranges):
+    """Each (flag, test, what is expected) of ranges holds for args' value, every value of a list: else one line.
+    A float must also be finite (nan fails every test, inf would pass some)."""
+    for name, valid, expected in ranges:
+        values = getattr(args, name)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        if not all(valid(v) and (not isinstance(v, float) or math.isfinite(v)) for v in values):
+            fail(f"--{name.replace('_', '-')} {' '.join(map(str, values))}: expected {expected}")
+
+
+def read_text(path, flag, what):
+    """The UTF-8 text of a file (a leading byte-order mark dropped), or one line naming the flag (if any), the file,
+    its line and the problem."""
+    where = f"{flag} {path}" if flag else path
+    try:
+        raw = open(path, "rb").read()
+    except FileNotFoundError:
+        fail(f"{where}: not found (expected {what})")
+    except OSError as e:  # a folder, no permission, an I/O error
+        fail(f"{where}: cannot read it ({e.strerror or e}; expected {what})")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")  # editors on Windows start UTF-8 files with a BOM
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        fail(f"{where}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}; expected {what} in UTF-8)")
+
+
 def read_prompts(path, flag="--prompts"):
     """A prompt list: a .json list of strings (HPDv2's format), else one prompt per non-blank line, UTF-8."""
     what = "a .txt file with one prompt per line, or a .json list of strings"
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}: not found (expected {what})")
-    raw = open(path, "rb").read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        fail(f"{flag} {path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}; expected {what} in UTF-8)")
+    text = read_text(path, flag, what)
     if path.lower().endswith(".json"):
         try:
             prompts = json.loads(text)
@@ -71,3 +93,28 @@ def load_image(path, resolution):
         left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
         img = img.crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.array(img))
+
+
+def read_captioned_images(folder, resolution, flag="--image-dir"):
+    """(captions, paths) of every image in folder, each with a UTF-8 caption in a .txt file beside it. Every image
+    is opened and converted now, so a broken one stops the run at its start, with its path, not at its step."""
+    if not os.path.isdir(folder):
+        fail(f"{flag} {folder}: folder not found")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        fail(f"{flag} {folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
+    captions = []
+    for path in tqdm(paths, desc="checking images", leave=False, disable=len(paths) < 100):
+        txt = os.path.splitext(path)[0] + ".txt"
+        if not os.path.exists(txt):
+            fail(f"{flag}: {path} has no caption file {txt}")
+        caption = read_text(txt, flag + ":", "the image's caption").strip()
+        if not caption:
+            fail(f"{flag}: {txt} is empty (expected the image's caption)")
+        try:
+            load_image(path, resolution)
+        except Exception as e:  # a damaged file: PIL's decoders raise OSError, SyntaxError, EOFError, struct.error...
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            fail(f"{flag}: {path}: cannot read it as an image ({reason})")
+        captions.append(caption)
+    return captions, paths

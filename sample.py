@@ -28,13 +28,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from inputs import fail, read_prompts
+from inputs import check_ranges, fail, read_prompts
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release write
+LORA_NAME = "pytorch_lora_weights.safetensors"         # what train.py --lora-rank writes (diffusers' LoRA format)
 PIPE_ARGS = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
 SHEET_IMAGES = 16  # contact sheet: the first 16 images, 4 per row
 COMPARE_ROWS = 8   # compare.png: the first 8 prompts, base left, SRPO right
 THUMB = 512        # grid cells are shrunk to at most 512 px, so a grid of 1024 px images stays viewable
+
+
+# Each numeric flag's valid values, checked before anything loads: (flag, test, what is expected).
+SIZE = "a multiple of 16, at least 16 (FLUX packs 2x2 patches of the 8x downsampled latent)"
+RANGES = [("height", lambda v: v >= 16 and v % 16 == 0, SIZE), ("width", lambda v: v >= 16 and v % 16 == 0, SIZE),
+          ("num_inference_steps", lambda v: v >= 1, "at least 1 Euler step"),
+          ("guidance_scale", lambda v: 0 <= v <= 100, "a FLUX guidance from 0 to 100"),  # nan fails too
+          ("max_sequence_length", lambda v: 1 <= v <= 512, "1 to 512 T5 tokens"),
+          ("seed", lambda v: 0 <= v < 2**63, "0 to 2**63 - 1 (image i uses seed + i)")]
 
 
 def parse_args(argv=None):
@@ -42,13 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--model", help="FluxPipeline folder or hub id, e.g. black-forest-labs/FLUX.1-dev "
                                    "(default: the tiny random pipeline of tiny.py)")
     p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it (default: none)")
+    p.add_argument("--lora", help=f"SRPO LoRA: {LORA_NAME}, or a folder holding it, loaded with FluxPipeline."
+                                  "load_lora_weights (default: none)")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="a .txt file, one prompt per line, or a .json list of strings "
                                            "(the format of HPDv2's benchmark prompt files)")
     p.add_argument("--output-dir", default="out/samples", help="default: out/samples")
-    p.add_argument("--compare", action="store_true", help="render base and --weights into DIR/base, DIR/srpo "
-                                                          "with the same seeds, and DIR/compare.png")
+    p.add_argument("--compare", action="store_true", help="render base and --weights (or --lora) into DIR/base, "
+                                                          "DIR/srpo with the same seeds, and DIR/compare.png")
     # The release's inference settings (METHOD.md §5), named after FluxPipeline's arguments.
     p.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX guidance, default 3.5")
     p.add_argument("--num-inference-steps", type=int, default=50, help="default 50")
@@ -59,18 +71,41 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def safetensors_shapes(path, flag, name):
+    """{key: shape} from a safetensors file's header (a folder: its file `name`), or one line saying what is wrong."""
+    if os.path.isdir(path):
+        path = os.path.join(path, name)
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: not found (expected {name} or a folder holding it)")
+    try:
+        with safe_open(path, "pt") as f:
+            return path, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        fail(f"{flag} {path}: not a safetensors file ({e})")
+
+
+def check_lora(path, transformer):
+    """The --lora file: diffusers' FLUX LoRA keys (transformer.<layer>.lora_A / lora_B.weight), each pair on a
+    linear layer of this --model's transformer with matching sizes."""
+    path, shapes = safetensors_shapes(path, "--lora", LORA_NAME)
+    layers = dict(transformer.named_modules())
+    what = "expected a FLUX LoRA of this --model, keys transformer.<layer>.lora_A.weight / lora_B.weight"
+    for key, shape in shapes.items():
+        name = key.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+        layer = layers.get(name)
+        if not key.startswith("transformer.") or ".lora_" not in key or not isinstance(layer, torch.nn.Linear):
+            fail(f"--lora {path}: {key} is no LoRA weight of a linear layer of the transformer ({what})")
+        if shape[1 if ".lora_A." in key else 0] != (layer.in_features if ".lora_A." in key else layer.out_features):
+            fail(f"--lora {path}: {key} is {shape}, which does not fit {name} ({what})")
+    if not shapes:
+        fail(f"--lora {path}: no tensors in it ({what})")
+    return path
+
+
 def check_weights(path, transformer):
     """The --weights file; its keys and shapes must be the transformer's (only the header is read here,
     so a bad file fails before any image is made)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        fail(f"--weights {path}: not found (expected {WEIGHTS_NAME} or a folder holding it)")
-    try:
-        with safe_open(path, "pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError) as e:
-        fail(f"--weights {path}: not a safetensors file ({e})")
+    path, shapes = safetensors_shapes(path, "--weights", WEIGHTS_NAME)
     expected = {key: tuple(t.shape) for key, t in transformer.state_dict().items()}
     for key in sorted(expected.keys() | shapes.keys()):
         if key not in expected:
@@ -126,16 +161,15 @@ def grid(paths, cols):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_ranges(args, RANGES)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     if args.model is None:  # the tiny random pipeline, built offline on first use
         from tiny import tiny_model_paths
         args.model = tiny_model_paths()[0]
-    for flag in ("height", "width"):
-        if getattr(args, flag) % 16:
-            fail(f"--{flag} {getattr(args, flag)}: expected a multiple of 16 (FLUX packs 2x2 "
-                 f"patches of the 8x downsampled latent)")
-    if args.compare and not args.weights:
-        fail("--compare: needs --weights, the SRPO weights to set beside the base model")
+    if args.compare and not (args.weights or args.lora):
+        fail("--compare: needs --weights or --lora, the SRPO weights to set beside the base model")
+    if args.weights and args.lora:
+        fail("--weights and --lora: expected one of them, a full transformer or a LoRA")
 
     # torchrun sets these; a plain `python sample.py` is rank 0 of 1
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -153,17 +187,21 @@ def main(argv=None):
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # ours is over prompts
     weights = check_weights(args.weights, pipe.transformer) if args.weights else None
+    lora = check_lora(args.lora, pipe.transformer) if args.lora else None
 
-    passes = [(args.output_dir, weights)]
+    passes = [(args.output_dir, weights, lora)]
     if args.compare:
-        passes = [(os.path.join(args.output_dir, "base"), None), (os.path.join(args.output_dir, "srpo"), weights)]
-    for out_dir, w in passes:
+        passes = [(os.path.join(args.output_dir, "base"), None, None),
+                  (os.path.join(args.output_dir, "srpo"), weights, lora)]
+    for out_dir, w, lora_file in passes:
         if w:  # strict: every key, each converted to the transformer's dtype on copy. Read straight onto the
             # GPU: FLUX's 24 GB beside the pipeline on an 80 GB card, rather than 24 GB of CPU memory per rank
             pipe.transformer.load_state_dict(load_file(w, device=str(device)), strict=True)
+        if lora_file:
+            pipe.load_lora_weights(lora_file)
         settings = {k: getattr(args, k) for k in PIPE_ARGS}
-        records = [dict(file=f"{i:05d}.png", prompt=p, seed=args.seed + i, **settings, model=args.model, weights=w)
-                   for i, p in enumerate(prompts)]
+        records = [dict(file=f"{i:05d}.png", prompt=p, seed=args.seed + i, **settings, model=args.model, weights=w,
+                        lora=lora_file) for i, p in enumerate(prompts)]
         counts = torch.tensor(render(pipe, records, out_dir, rank, world_size), device=device)
         if world_size > 1:
             dist.all_reduce(counts)  # also waits until every rank has written its images

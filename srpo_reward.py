@@ -7,9 +7,11 @@ with L2-normalized CLIP-style embeddings of the image, of the caption behind a p
 (HPSv2.1, PickScore, CLIP) are all run as a transformers `CLIPModel`; HPSv2.1's open_clip checkpoint is
 converted to it by `convert_open_clip`, so no open_clip or hpsv2 is needed at run time.
 """
+import html
 import json
 import os
 
+import ftfy
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
@@ -43,6 +45,13 @@ def control_prompts(caption, step, pos_words=POS_WORDS, neg_words=NEG_WORDS):
     return f"{pos_words[step % len(pos_words)]}. {caption}", f"{neg_words[step % len(neg_words)]}. {caption}"
 
 
+def open_clip_clean(text):
+    """open_clip's text cleaning before its tokenizer (METHOD.md §4): ftfy, HTML unescaped twice, whitespace
+    collapsed, lowercase. The transformers CLIP tokenizer alone skips the first two, so curly quotes, ligatures,
+    full-width forms, HTML entities or mojibake would get other ids than in the release."""
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+
+
 def srpo_loss(reward, threshold=0.7):
     """relu(threshold - reward): the ReFL-style thresholded loss of METHOD.md §4."""
     return F.relu(threshold - reward)
@@ -65,18 +74,22 @@ class SRPReward:
         self.max_length = model.config.text_config.max_position_embeddings
 
     def embed_images(self, images):
-        """f_img: L2-normalized image embeddings."""
+        """f_img: L2-normalized image embeddings, fp32 whatever the tower ran in (see srp)."""
         pixels = preprocess(images, self.image_size).to(self.model.dtype)
-        return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
 
     def embed_texts(self, prompts):
         """f_txt: L2-normalized text embeddings (CLIP's 77-token window, truncated)."""
+        if self.kind == "hps":  # the release tokenizes HPSv2.1's prompts with open_clip, which cleans them first
+            prompts = [open_clip_clean(p) for p in prompts]
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.model.device)
-        return F.normalize(self.model.get_text_features(**tokens).pooler_output, dim=-1)
+        return F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
 
     def srp(self, images, pos_prompts, neg_prompts, k):
-        """The SRP reward r = f_img . ((1 + k) f_pos - f_neg), one value per image (METHOD.md §4)."""
+        """The SRP reward r = f_img . ((1 + k) f_pos - f_neg), one value per image (METHOD.md §4). The towers may
+        run under autocast; the embeddings are fp32 and norm, product and sum are no autocast ops, so the difference
+        of two nearly equal cosines is taken in fp32 (measured in experiments/precision.py)."""
         f_img = self.embed_images(images)
         f_pos, f_neg = self.embed_texts(pos_prompts), self.embed_texts(neg_prompts)
         r = (f_img * ((1 + k) * f_pos - f_neg)).sum(-1)

@@ -7,8 +7,8 @@ import torch
 
 from direct_align import (branch_sigmas, default_gap, direct_align, euler_step, inject_noise, predict_x0,
                           recover_x0, reward_k, sigma_schedule, time_shift, train_window)
-from srpo_reward import (SRPReward, control_prompts, convert_open_clip, load_hps, load_reward, preprocess,
-                         srpo_loss)
+from srpo_reward import (SRPReward, control_prompts, convert_open_clip, load_hps, load_reward, open_clip_clean,
+                         preprocess, srpo_loss)
 
 torch.set_num_threads(2)
 SIGMAS = [0.0, 0.05, 0.3, 0.5, 0.75, 0.9, 0.99]
@@ -292,3 +292,127 @@ def test_loader_errors_name_the_file_and_what_was_expected(tiny_clip, tmp_path):
         load_reward("clip", str(tmp_path / "t5"))
     with pytest.raises(ValueError, match="reward kind 'imagereward'"):
         load_reward("imagereward", str(clip_path))
+
+
+# ---------------------------------------------------------------- HPSv2.1's tokenizer: CLIP-H folder's vs open_clip's
+
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K's tokenizer_config.json, as published
+# (huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/blob/main/tokenizer_config.json); its special_tokens_map.json
+# (copies: Aixile/ and ModelsLab/CLIP-ViT-H-14-laion2B-s32B-b79K) declares the same tokens. The pad token is
+# <|endoftext|>, not the "!" (id 0) of SD 2's and SDXL's exported tokenizers.
+def _added_token(content):
+    return {"content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": True,
+            "__type": "AddedToken"}
+
+
+CLIP_H_TOKENIZER_CONFIG = {
+    "unk_token": _added_token("<|endoftext|>"), "bos_token": _added_token("<|startoftext|>"),
+    "eos_token": _added_token("<|endoftext|>"), "pad_token": "<|endoftext|>", "add_prefix_space": False,
+    "errors": "replace", "do_lower_case": True, "name_or_path": "openai/clip-vit-base-patch32",
+    "model_max_length": 77, "special_tokens_map_file": "./special_tokens_map.json", "tokenizer_class": "CLIPTokenizer"}
+CLIP_H_SPECIAL_TOKENS_MAP = {k: ({x: y for x, y in v.items() if x != "__type"} if isinstance(v, dict) else v)
+                             for k, v in CLIP_H_TOKENIZER_CONFIG.items() if k.endswith("_token")}
+
+
+@pytest.fixture(scope="module")
+def clip_h_folder(tmp_path_factory):
+    """The CLIP-H folder's tokenizer rebuilt offline: a transformers CLIPTokenizer over the vocabulary and merges
+    of open_clip's own bpe_simple_vocab_16e6.txt.gz (built as CLIP's vocab.json is), saved with the folder's
+    declared config; a tiny CLIP config beside it and a tiny open_clip HPS checkpoint over the full vocabulary."""
+    import gzip
+    import json
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+    path = tmp_path_factory.mktemp("clip_h")
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    vocab = {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
+    clip_h_like_folder(path, CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges]))
+    (path / "tokenizer_config.json").write_text(json.dumps(CLIP_H_TOKENIZER_CONFIG))
+    (path / "special_tokens_map.json").write_text(json.dumps(CLIP_H_SPECIAL_TOKENS_MAP))
+    oc = tiny_open_clip(len(vocab))
+    torch.save({"state_dict": oc.state_dict()}, path / "hps.pt")
+    return path, oc
+
+
+CAPTIONS = ["a cat sitting on a windowsill", "Portrait of an old fisherman, dramatic lighting",
+            "a futuristic city at night with neon signs", "two dogs playing in the snow",
+            "A bowl of ramen on a wooden table", "an astronaut riding a horse on mars",
+            "watercolor painting of a lighthouse", "a close-up photo of a dew-covered spider web"]
+EDGE_CAPTIONS = [  # one of each class, whatever the random draw below
+    "wow!", "WOW!!!", "!", "?!?!", "what is this?", "hello, world; fine: yes", "it's a cat's toy, isn't it", "DON'T",
+    "\"quoted\" and 'single'", "sci-fi, well-lit - dash", "3 cats, 1920x1080, 8k, f/1.8, 35mm, 3.14, 100%",
+    "ALL CAPS CAPTION", "MiXeD cAsE CaPtIoN", "café naïve Zürich crème brûlée São Paulo", "ΟΔΟΣ ΣΑΣ", "Москва",
+    "日本の桜", "中文，标点！", "🐱 cat 🌅 ❤️ 👍🏽 🇺🇸", "a   b\t\tc\nd  ", "  leading and trailing  ", "nbsp\u00a0here",
+    "“curly” ‘quotes’ don’t", "ﬁsh and ﬂowers", "ＡＢＣ full-width！", "fish &amp; chips &quot;x&quot; &#39;y",
+    "cafÃ© mojibake", "", "a " * 100, "!" * 200, ", ".join(CAPTIONS) * 2]
+
+
+def varied_captions(n=300, seed=0):
+    """EDGE_CAPTIONS and n captions drawn from CAPTIONS through 1-3 random edits: punctuation, quotes and
+    apostrophes, hyphens, numbers, case, non-ASCII and emoji, ftfy's classes, runs of whitespace, length."""
+    import random
+    rng = random.Random(seed)
+    pieces = ["!", "!!", "?", "?!", "...", ",", ";", ":", "'", '"', "-", "(a)", "&", "#1", "@", "$5", "50%", "don't",
+              "it's", "x-ray", "2024", "4k", "café", "über", "Ελλάδα", "🐶", "✨", "’s", "“hi”", "ﬁ", "！", "&amp;"]
+    edits = [lambda s: s + rng.choice(pieces), lambda s: rng.choice(pieces) + " " + s,
+             lambda s: s + "!" * rng.randint(1, 3),
+             lambda s: s.replace(" ", " " + rng.choice(pieces) + " ", 1), str.upper, str.title, str.swapcase,
+             lambda s: "".join(c.upper() if rng.random() < 0.5 else c for c in s),
+             lambda s: s.replace(" ", rng.choice(["  ", "\t", " \n ", "   "])),
+             lambda s: ", ".join([s] + rng.choices(CAPTIONS, k=rng.randint(4, 12)))]  # often past 77 tokens
+    out = list(EDGE_CAPTIONS)
+    for _ in range(n):
+        s = rng.choice(CAPTIONS)
+        for edit in rng.sample(edits, rng.randint(1, 3)):
+            s = edit(s)
+        out.append(s)
+    return out
+
+
+def open_clip_ids_to_eot(texts):
+    """open_clip's ViT-H-14 ids (the release's HPSv2.1 tokenizer), each up to and including end-of-text,
+    which is also where open_clip's text tower pools (argmax of the ids)."""
+    import open_clip
+    tokens = open_clip.get_tokenizer("ViT-H-14")(texts)
+    pooled = tokens.argmax(-1)
+    return [row[:p + 1].tolist() for row, p in zip(tokens, pooled.tolist())], tokens
+
+
+def test_hps_tokenizer_gives_open_clip_vit_h_14_ids_up_to_end_of_text(clip_h_folder):
+    from transformers import AutoTokenizer
+    path, _ = clip_h_folder
+    _, tokenizer = load_hps(str(path / "hps.pt"), str(path))
+    raw = AutoTokenizer.from_pretrained(path)  # the folder's tokenizer alone, as AutoTokenizer loads it
+    assert (raw.pad_token, raw.bos_token_id, raw.eos_token_id, raw.model_max_length) == ("<|endoftext|>", 49406,
+                                                                                        49407, 77)
+    control = [p for c in CAPTIONS[:4] for step in range(20) for p in control_prompts(c, step)]  # all 4 x 5 pairs
+    texts = control + varied_captions()
+    expected, _ = open_clip_ids_to_eot(texts)
+    assert sum("!" in t for t in texts) > 30 and sum(len(e) == 77 for e in expected) > 30  # '!' and truncation
+    # what SRPReward.embed_texts feeds the tokenizer for hps: the text after open_clip's cleaning
+    got = tokenizer([open_clip_clean(t) for t in texts], padding=True, truncation=True, max_length=77,
+                    return_tensors="pt")
+    eot = 49407
+    for text, ids, mask, exp in zip(texts, got.input_ids, got.attention_mask, expected):
+        n = int(mask.sum())
+        assert ids[:n].tolist() == exp, text
+        # pooled position: CLIPTextModel's argmax of the ids (eos_token_id 2 configs) or first end-of-text
+        assert int(ids.argmax()) == int((ids == eot).int().argmax()) == n - 1 == len(exp) - 1, text
+    # the captions reach what open_clip's cleaning changes: the folder's tokenizer alone differs on some
+    raw_ids = raw(texts, truncation=True, max_length=77).input_ids
+    assert [t for t, r, e in zip(texts, raw_ids, expected) if r != e], "no caption exercises the cleaning"
+    assert raw(["wow!"]).input_ids[0] == expected[texts.index("wow!")] == [49406, 2781, 256, eot]  # '!' is 256
+
+
+def test_hps_text_embeddings_equal_open_clip_encode_text(clip_h_folder):
+    """Through the whole reward: a batch padded by transformers (with its mask) gives open_clip's embeddings."""
+    path, oc = clip_h_folder
+    reward = load_reward("hps", str(path / "hps.pt"), str(path))
+    texts = ["Real. wow!", "Painting. a cat’s toy!!", "ＡＢＣ &amp; ﬁsh", "ΟΔΟΣ", "a", ", ".join(CAPTIONS) * 2,
+             *control_prompts("“Portrait” of an old fisherman!", 3)]
+    _, tokens = open_clip_ids_to_eot(texts)
+    with torch.no_grad():
+        ref = oc.encode_text(tokens, normalize=True)
+        assert torch.allclose(reward.embed_texts(texts), ref, atol=1e-5)

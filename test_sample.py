@@ -78,6 +78,52 @@ def compare(tiny, prompts_file, weights, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def lora(tiny, tmp_path_factory):
+    """A LoRA as train.py --lora-rank writes it: rank-4 adapters on the tiny transformer, B made non-zero."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft.utils import get_peft_model_state_dict
+    from flux import add_lora
+    transformer = add_lora(FluxTransformer2DModel.from_pretrained(os.path.join(tiny[0], "transformer")), 4, 8.0,
+                           torch.float32, seed=0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    folder = tmp_path_factory.mktemp("lora") / "checkpoint-1"
+    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    return folder
+
+
+def test_lora_images_equal_flux_pipeline_with_load_lora_weights(tiny, lora, prompts_file, tmp_path):
+    from diffusers import FluxPipeline
+    sample.main(["--prompts", prompts_file, "--output-dir", str(tmp_path), "--lora", str(lora), "--compare", *ARGS])
+    pipe = FluxPipeline.from_pretrained(tiny[0])
+    pipe.load_lora_weights(str(lora / sample.LORA_NAME))
+    for i, p in enumerate(PROMPTS):
+        expected = np.asarray(pipe(p, height=H, width=W, num_inference_steps=STEPS, guidance_scale=3.5,
+                                   max_sequence_length=MAX_LEN, generator=torch.Generator().manual_seed(SEED + i)
+                                   ).images[0])
+        assert np.array_equal(pixels(tmp_path / "srpo" / f"{i:05d}.png"), expected), i
+        assert not np.array_equal(pixels(tmp_path / "base" / f"{i:05d}.png"), expected), i  # the LoRA changed it
+
+
+def test_lora_that_is_not_a_flux_lora_of_the_model_is_one_line(tiny, weights, lora, tmp_path, capsys):
+    def error(*argv):
+        return one_line_error(sample.main, [*ARGS, "--prompt", "a", "--output-dir", str(tmp_path / "out"), *argv],
+                              capsys)
+    assert "is no LoRA weight of a linear layer" in error("--lora", str(weights / sample.WEIGHTS_NAME))
+    from safetensors.torch import load_file, save_file
+    state = load_file(lora / sample.LORA_NAME)
+    key = next(k for k in state if ".lora_A." in k)
+    save_file({**state, key: torch.zeros(4, 7)}, tmp_path / "narrow.safetensors")
+    assert f"{key} is (4, 7), which does not fit" in error("--lora", str(tmp_path / "narrow.safetensors"))
+    assert error("--lora", str(lora), "--weights", str(weights)).startswith("--weights and --lora: expected one")
+    assert not (tmp_path / "out").exists()
+
+
 def flux_images(flux_dir, weights=None):
     """The pictures of FluxPipeline called directly: prompt i, a generator seeded SEED + i, the same arguments."""
     from diffusers import FluxPipeline
@@ -105,7 +151,7 @@ def test_png_text_and_prompts_jsonl_record_each_image(tiny, samples):
     for i, r in enumerate(records):
         assert r == dict(file=f"{i:05d}.png", prompt=PROMPTS[i], seed=SEED + i, height=H, width=W,
                          num_inference_steps=STEPS, guidance_scale=3.5, max_sequence_length=MAX_LEN, model=tiny[0],
-                         weights=None)
+                         weights=None, lora=None)
         assert Image.open(samples / r["file"]).text == {k: str(v) for k, v in r.items()}
     assert Image.open(samples / "contact_sheet.png").size == (3 * W, H)
 

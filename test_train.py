@@ -262,18 +262,107 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
     assert "--prompts" in error("--prompts", str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert "no prompts" in error("--prompts", str(tmp_path / "empty.txt"))
-    assert "--resolution 100: must be a multiple of 16" in error("--resolution", "100")
+    assert "--resolution 100: expected a positive multiple of 16" in error("--resolution", "100")
+    assert "--lora-rank -1: expected 0 (every weight trains) or a positive LoRA rank" in error("--lora-rank", "-1")
     (tmp_path / "imgs").mkdir()
     from PIL import Image
     Image.new("RGB", (40, 40)).save(tmp_path / "imgs" / "a.png")
     assert "a.png has no caption file" in error("--image-dir", str(tmp_path / "imgs"))
     assert "HPS_v2.1_compressed.pt" in error("--reward-path", str(tmp_path / "hps.pt"))
-    assert "at step 2: stopped before the optimizer step" in error("--lr", "1e30", "--steps", "3", "--checkpoint-every", "1")
-    assert os.listdir(tmp_path / "out" / "checkpoint-1") and not os.path.exists(tmp_path / "out" / "checkpoint-2")
-    assert "pass --resume" in error("--steps", "3")
+    assert "--lr 1e+30: expected a positive learning rate below 1" in error("--lr", "1e30")
+    train.main([*FAST, "--output-dir", str(tmp_path / "out"), "--steps", "1"])  # a checkpoint-1 there, then:
+    assert "holds checkpoint-1: pass --resume" in error("--steps", "3")
 
 
 def test_bad_input_prints_no_traceback():
     done = run_train("--resolution", "100")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == "error: --resolution 100: must be a multiple of 16 (8x VAE, then 2x2 patches)"
+    assert done.stderr.strip() == "error: --resolution 100: expected a positive multiple of 16 (8x VAE, then 2x2 patches)"
+
+
+# ---------------------------------------------------------------- LoRA
+
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-3", "--steps", "2", *FAST]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    for strategy in ("fsdp", "ddp"):
+        done = run_train(*LORA, "--strategy", strategy, "--output-dir", str(root / strategy), nproc=2)
+        assert done.returncode == 0, (strategy, done.stderr[-12000:])
+    return root
+
+
+def test_lora_ddp_and_fsdp_train_the_same_adapters_and_nothing_else(lora_runs):
+    from flux import initial_lora
+    fsdp, ddp = (dcp_state(lora_runs / s / "checkpoint-2") for s in ("fsdp", "ddp"))
+    assert set(fsdp["model"]) == set(ddp["model"]) and all(".lora_" in k for k in fsdp["model"])  # adapters only
+    assert len(fsdp["optimizer"]["state"]) == len(fsdp["model"])  # AdamW holds the adapters, nothing else
+    moved = 0
+    for key, value in fsdp["model"].items():
+        start = initial_lora(key, value.shape, 42)  # train.py's default --seed
+        assert close_updates(value, ddp["model"][key], start), key
+        moved += bool((value - start).abs().max() > 0)
+    assert moved >= len(fsdp["model"]) // 2  # the B matrices start at zero and moved
+
+
+def test_lora_step_leaves_the_base_bit_identical(tiny_parts):
+    from flux import add_lora
+    new_transformer, vae, reward, cond = tiny_parts
+    transformer = add_lora(new_transformer(), 4, 4.0, torch.float32, seed=0)
+    base = {k: v.clone() for k, v in transformer.state_dict().items() if ".lora_" not in k}
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)  # decay would move the base if it trained
+    args = train.parse_args(["--resolution", "32"])
+    noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    for step in range(2):  # B moves at step 1, then A gets a gradient too
+        x0 = flux.rollout(transformer, noise, cond, 2, 3.0, 1.0)
+        train.srpo_step(transformer, vae, reward, x0, noise, cond, "a cat", step, torch.Generator().manual_seed(1), args)
+        optimizer.step()
+        optimizer.zero_grad()
+    after = transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert all(".lora_" in n for n, p in transformer.named_parameters() if p.requires_grad)
+
+
+def test_lora_file_loads_into_flux_pipeline_and_equals_a_hand_merge(lora_runs):
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+    from tiny import tiny_model_paths
+    path = lora_runs / "fsdp" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    render = lambda pipe: pipe("a red car", height=32, width=32, num_inference_steps=2, max_sequence_length=32,  # noqa
+                               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    base = FluxPipeline.from_pretrained(tiny_model_paths()[0])
+    base_image = render(base)
+    loaded = FluxPipeline.from_pretrained(tiny_model_paths()[0])
+    loaded.load_lora_weights(str(path))
+    # by hand: W + (alpha / rank) B @ A for every adapted layer, from the file alone
+    merged = FluxPipeline.from_pretrained(tiny_model_paths()[0])
+    lora = load_file(path)
+    weights = merged.transformer.state_dict()
+    layers = {k[len("transformer."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+    assert layers and all(f"{layer}.weight" in weights for layer in layers)
+    with torch.no_grad():
+        for layer in layers:
+            a, b = lora[f"transformer.{layer}.lora_A.weight"], lora[f"transformer.{layer}.lora_B.weight"]
+            weights[f"{layer}.weight"] += 8 / 4 * b @ a
+    merged.transformer.load_state_dict(weights)
+    lora_image, merged_image = render(loaded), render(merged)
+    assert abs(lora_image - merged_image).max() < 1e-4  # the same model, two ways: float rounding only
+    assert abs(lora_image - base_image).max() > 100 * abs(lora_image - merged_image).max() + 1e-6
+
+
+def test_lora_two_steps_resumed_for_two_more_equal_four_steps(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    flags = ["--lora-rank", "4", "--lr", "1e-3", *FAST]
+    for args in ([a, "--steps", "4"], [b, "--steps", "2"], [b, "--steps", "4", "--resume"]):
+        done = run_train("--output-dir", *args, *flags)
+        assert done.returncode == 0, done.stderr[-12000:]
+    sa, sb = dcp_state(os.path.join(a, "checkpoint-4")), dcp_state(os.path.join(b, "checkpoint-4"))
+    assert sa["model"].keys() == sb["model"].keys()
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key  # bit for bit
+    for key, state in sa["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, sb["optimizer"]["state"][key][name]), (key, name)

@@ -16,8 +16,7 @@ import hashlib
 import json
 import math
 import os
-import re
-import shutil
+import signal
 import time
 import warnings
 from collections import Counter
@@ -25,22 +24,21 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import checkpoint
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
-from flux import (conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint, latent_noise, rollout,
-                  transformer_on_meta, velocity)
-from inputs import IMAGE_EXTENSIONS, fail, load_image, read_prompts
+from flux import (add_lora, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint, latent_noise,
+                  rollout, transformer_on_meta, velocity)
+from inputs import check_ranges, fail, load_image, read_captioned_images, read_prompts
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
 
 # FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
@@ -89,7 +87,7 @@ def parse_args(argv=None):
     a("--batch-size", type=int, help="prompts per optimizer step over all ranks, accumulated one at a time on each; "
                                      "default 32 (the release: one on each of 32 GPUs), 2 on the tiny models")
     a("--steps", type=int, default=20, help="optimizer steps (the release: about 20 on 32 GPUs)")
-    a("--lr", type=float, default=5e-6)
+    a("--lr", type=float, help="default 5e-6 (the release's); 1e-4 with --lora-rank, whose B starts at zero")
     a("--betas", type=float, nargs=2, default=(0.9, 0.999))
     a("--weight-decay", type=float, default=1e-4)
     a("--adam-eps", type=float, default=1e-8)
@@ -97,6 +95,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=42)
     a("--strategy", default="fsdp", choices=("fsdp", "ddp"), help="FSDP2 full shard, or DDP")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
+    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on a frozen base (0: every weight)")
+    a("--lora-alpha", type=float, help="LoRA scale alpha / rank; default: the rank (scale 1)")
     # output
     a("--checkpoint-every", type=int, default=10)
     a("--sample-every", type=int, default=10, help="save a PNG grid of samples every N steps (0: never)")
@@ -106,18 +106,50 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     # the CPU run on tiny models gets a laptop's size and batch; a real --model the release's
-    args.resolution = args.resolution or (720 if args.model else 64)
-    args.batch_size = args.batch_size or (32 if args.model else 2)
+    if args.resolution is None:
+        args.resolution = 720 if args.model else 64
+    if args.batch_size is None:
+        args.batch_size = 32 if args.model else 2
+    if args.lr is None:
+        args.lr = 1e-4 if args.lora_rank else 5e-6
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
     return args
 
 
+# Each numeric flag's valid values, checked before anything loads: (flag, test, what is expected).
+RANGES = [("resolution", lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16 (8x VAE, then 2x2 patches)"),
+          ("rollout_steps", lambda v: v >= 1, "at least 1 Euler step"),
+          ("rollout_guidance", lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100"),
+          ("guidance", lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100"),
+          ("shift", lambda v: 0.01 <= v <= 100, "a shift from 0.01 to 100"),
+          ("window_start", lambda v: 0 <= v < 50, "a step of the 50-step grid, 0 to 49"),
+          ("window_end", lambda v: 0 < v <= 50, "a step of the 50-step grid, 1 to 50, after --window-start"),
+          ("rho", lambda v: 0 < v < 1, "a ratio strictly between 0 and 1"),
+          ("max_sequence_length", lambda v: 1 <= v <= 512, "1 to 512 T5 tokens"),
+          ("batch_size", lambda v: v >= 1, "at least 1 prompt"),
+          ("steps", lambda v: v >= 1, "at least 1 optimizer step"),
+          ("lr", lambda v: 0 < v < 1, "a positive learning rate below 1"),  # AdamW's steps overflow fp32 far above
+          ("lora_rank", lambda v: v >= 0, "0 (every weight trains) or a positive LoRA rank"),
+          ("lora_alpha", lambda v: v >= 0, "a LoRA alpha of at least 0"),
+          ("betas", lambda v: 0 <= v < 1, "two values in [0, 1)"),
+          ("weight_decay", lambda v: v >= 0, "at least 0"),
+          ("adam_eps", lambda v: v > 0, "a positive epsilon"),
+          ("max_grad_norm", lambda v: v > 0, "a positive norm"),
+          ("checkpoint_every", lambda v: v >= 0, "0 (only at the end) or a number of steps"),
+          ("sample_every", lambda v: v >= 0, "0 (never) or a number of steps"),
+          ("k_denoise", lambda v: True, "two finite numbers"), ("k_inversion", lambda v: True, "two finite numbers"),
+          ("threshold", lambda v: True, "a finite number"), ("seed", lambda v: 0 <= v < 2**63, "0 to 2**63 - 1")]
+
+
 def check_inputs(args):
+    check_ranges(args, RANGES)
+    if args.window_start >= args.window_end:
+        fail(f"--window-start {args.window_start} --window-end {args.window_end}: expected start before end")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size < 1 or args.batch_size % world:
+    if args.batch_size % world:
         fail(f"--batch-size {args.batch_size}: must be a positive multiple of the {world} ranks (each accumulates "
              f"batch-size / ranks prompts)")
-    if args.resolution % 16:
-        fail(f"--resolution {args.resolution}: must be a multiple of 16 (8x VAE, then 2x2 patches)")
     if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
         fail(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
     if args.model and not json.load(open(os.path.join(args.model, "model_index.json")))["_class_name"] \
@@ -127,26 +159,15 @@ def check_inputs(args):
         fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
     if args.model and not args.reward_path:
         fail("--model needs --reward-path (HPS_v2.1_compressed.pt, or a PickScore / CLIP folder)")
-    if args.prompts and not os.path.isfile(args.prompts):
-        fail(f"--prompts {args.prompts}: file not found")
-    if args.image_dir and not os.path.isdir(args.image_dir):
-        fail(f"--image-dir {args.image_dir}: folder not found")
-    complete = latest_checkpoint(args.output_dir)
+    complete = checkpoint.complete_steps(args.output_dir)
     if complete and not args.resume:
-        fail(f"--output-dir {args.output_dir} holds checkpoint-{complete}: pass --resume, or another dir")
+        fail(f"--output-dir {args.output_dir} holds checkpoint-{complete[0]}: pass --resume, or another dir")
 
 
 def read_data(args):
     """(captions, image paths or None). Online: the prompts. Offline: every image with a .txt caption."""
     if args.image_dir:
-        images = sorted(f for f in os.listdir(args.image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not images:
-            fail(f"--image-dir {args.image_dir}: no {'/'.join(IMAGE_EXTENSIONS)} images")
-        paths = [os.path.join(args.image_dir, f) for f in images]
-        for path in paths:
-            if not os.path.isfile(os.path.splitext(path)[0] + ".txt"):
-                fail(f"--image-dir: {path} has no caption file {os.path.splitext(path)[0]}.txt")
-        return [open(os.path.splitext(p)[0] + ".txt").read().strip() for p in paths], paths
+        return read_captioned_images(args.image_dir, args.resolution)
     return (read_prompts(args.prompts) if args.prompts else TINY_PROMPTS), None
 
 
@@ -156,16 +177,18 @@ def rng(*key):
     return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
 
 
-def memory_plan(num_params, world_size, strategy, largest_tensor=0):
-    """Bytes each rank holds for fp32 master weights, fp32 gradients and AdamW's two fp32 states (METHOD.md §5):
-    FSDP full shard divides all three by the world size, DDP keeps full copies on every rank. And the peak while
-    loading: FSDP fills its shard one tensor at a time (flux.fill_from_checkpoint), so its shard plus one full
-    fp32 tensor; DDP loads the whole fp32 model."""
+def memory_plan(num_params, world_size, strategy, largest_tensor=0, trainable=None, frozen_bytes=4):
+    """Bytes each rank holds for the weights (fp32 where they train, frozen_bytes each where they do not: a LoRA's
+    base), fp32 gradients and AdamW's two fp32 states of the trainable ones (METHOD.md §5): FSDP full shard divides
+    all three by the world size, DDP keeps full copies on every rank. And the peak while loading: FSDP fills its
+    shard one tensor at a time (flux.fill_from_checkpoint), so its shard plus one full fp32 tensor; DDP loads
+    the whole model."""
     shard = world_size if strategy == "fsdp" else 1
-    plan = {"weights": 4 * num_params / shard, "grads": 4 * num_params / shard,
-            "optimizer": 8 * num_params / shard}
+    trainable = num_params if trainable is None else trainable
+    weights = (4 * trainable + frozen_bytes * (num_params - trainable)) / shard
+    plan = {"weights": weights, "grads": 4 * trainable / shard, "optimizer": 8 * trainable / shard}
     plan["total"] = sum(plan.values())
-    plan["load_peak"] = 4 * num_params / shard + (4 * largest_tensor if strategy == "fsdp" else 0)
+    plan["load_peak"] = weights + (4 * largest_tensor if strategy == "fsdp" else 0)
     return plan
 
 
@@ -177,7 +200,7 @@ def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generato
     window = train_window(args.window_start, args.window_end, shift=args.shift)
     t_star = sample_t_star(len(window), generator)
     sigmas = branch_sigmas(window, t_star, default_gap(args.rho, len(window)))
-    pos, neg = control_prompts(caption, step, args.pos_words, args.neg_words)
+    pos, neg = control_prompts(caption, step + 1, args.pos_words, args.neg_words)  # the release counts from 1
     names = ("denoise", "inversion") if args.branches == "both" else (args.branches,)
     out = {"loss": 0.0}
     for name in names:
@@ -219,42 +242,31 @@ def peak_memory_gib(device):
 
 # ----------------------------------------------------------------------------------------- checkpoints
 
-def latest_checkpoint(output_dir):
-    """The newest complete checkpoint's step, 0 if none. Only renamed folders match checkpoint-N."""
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    return max((int(m[1]) for n in names if (m := re.fullmatch(r"checkpoint-(\d+)", n))), default=0)
-
-
-def save_checkpoint(transformer, optimizer, step, output_dir, rank):
-    """checkpoint-{step}/: diffusion_pytorch_model.safetensors (the full transformer in diffusers naming, bf16,
-    as the release publishes it) + config.json, and state/ (sharded fp32 model and AdamW states,
-    torch.distributed.checkpoint). Written as .tmp and renamed, so a crash never leaves a checkpoint that
-    --resume would trust."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    dcp.save({"model": get_model_state_dict(transformer),
-              "optimizer": get_optimizer_state_dict(transformer, optimizer)},
-             checkpoint_id=os.path.join(tmp, "state"))
-    full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+def save_weights(transformer, folder, rank):
+    """The published weights, written by rank 0. Every weight trained: the full transformer in diffusers naming
+    (what FluxPipeline's transformer loads) and its config, in bf16 (half the release's fp32 file; FLUX.1-dev runs
+    in bf16; the exact fp32 weights stay in state/). LoRA: pytorch_lora_weights.safetensors in diffusers' format,
+    with its rank and alpha, what FluxPipeline.load_lora_weights takes."""
+    model = getattr(transformer, "module", transformer)
+    lora = getattr(model, "peft_config", None)
+    full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=bool(lora)))
+    if rank == 0 and lora:
+        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model, full),
+                                       transformer_lora_adapter_metadata=lora["default"].to_dict())
+    elif rank == 0:
         save_file({k: v.to(torch.bfloat16).contiguous() for k, v in full.items()},
-                  os.path.join(tmp, "diffusion_pytorch_model.safetensors"))
-        getattr(transformer, "module", transformer).save_config(tmp)
-        os.replace(tmp, final)
-    dist.barrier()
-    return final
+                  os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+        model.save_config(folder)
 
 
-def load_checkpoint(transformer, optimizer, path):
-    state = {"model": get_model_state_dict(transformer),
-             "optimizer": get_optimizer_state_dict(transformer, optimizer)}
-    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
-    set_model_state_dict(transformer, state["model"])
-    set_optimizer_state_dict(transformer, optimizer, state["optimizer"])
+def weights_finite(transformer, device):
+    """Whether every weight of every rank is finite (FSDP2: each rank checks its shards)."""
+    bad = sum(int(not torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+              for p in transformer.parameters())
+    bad = torch.tensor(bad, device=device)
+    dist.all_reduce(bad)
+    return bad.item() == 0
 
 
 def save_samples(transformer, vae, noise, cond, caption, path, args, rank, world):
@@ -286,6 +298,12 @@ def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
     captions, image_paths = read_data(args)
+    # one run per output folder: rank 0 holds its lock until it exits, however it exits
+    if int(os.environ.get("RANK", 0)) == 0:
+        held, holder = checkpoint.lock(args.output_dir)
+        if holder:
+            fail(f"--output-dir {args.output_dir}: in use by another run ({holder}); wait for it, or pick another dir")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit then fails a write (caught), not the process
 
     # distributed: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one, same code
     cuda = torch.cuda.is_available()
@@ -297,9 +315,15 @@ def main(argv=None):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        # cuDNN's fused attention failed in the backward pass at FLUX's width and 720x720 (H200, torch 2.11:
+        # "mha_graph.execute ... is_good()"); flash attention computes the same
+        torch.backends.cuda.enable_cudnn_sdp(False)
     master = rank == 0
     torch.manual_seed(args.seed + rank)  # METHOD.md §5; the draws that matter use rng(...) below
     say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
+    start, broken = checkpoint.newest_intact(args.output_dir, rank, world) if args.resume else (0, None)
+    if broken:
+        fail(broken)
 
     # models: the real ones, or tiny random ones written once and loaded through the same from_pretrained
     if not args.model:
@@ -317,12 +341,16 @@ def main(argv=None):
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
     # fp32 master weights (METHOD.md §5). FSDP2: built on the meta device, each block one all-gather unit, then
     # the root; then each rank fills only its shards from the checkpoint, so no rank ever holds the full model.
-    # DDP needs the full copy anyway: loaded straight onto this rank's device.
+    # DDP needs the full copy anyway: loaded straight onto this rank's device. With LoRA the base is frozen, in
+    # bf16 on a GPU, and only the fp32 adapters train.
+    base_dtype = torch.bfloat16 if args.lora_rank and cuda else torch.float32
     if args.strategy == "fsdp":
         transformer = transformer_on_meta(args.model)
     else:
-        transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=torch.float32,
+        transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=base_dtype,
                                                              device_map=str(device))
+    if args.lora_rank:
+        add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed)
     transformer.train()
     num_params = sum(p.numel() for p in transformer.parameters())
     largest = max(p.numel() for p in transformer.parameters())
@@ -334,17 +362,22 @@ def main(argv=None):
         transformer.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     if args.strategy == "fsdp":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+        # bf16 compute copies, fp32 reductions. Forward inputs are not cast: under activation checkpointing
+        # torch 2.11 skips that cast when it recomputes a block, and the recomputation then differs.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+            if cuda else MixedPrecisionPolicy()
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             fully_shard(block, mp_policy=mp)
         fully_shard(transformer, mp_policy=mp)
-        fill_from_checkpoint(transformer.to_empty(device=device), args.model)
+        fill_from_checkpoint(transformer.to_empty(device=device), args.model, lora_seed=args.seed)
     else:
         transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None,
                                               gradient_as_bucket_view=True)  # no second copy of the gradients
-    plan = memory_plan(num_params, world, args.strategy, largest)
-    say(f"transformer: {num_params / 1e6:.1f}M parameters; per rank under {args.strategy} x {world}: "
-        + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in plan.items()))
+    trainable = [p for p in transformer.parameters() if p.requires_grad]  # after fully_shard replaced them
+    n_train = sum(p.numel() for p in trainable)
+    plan = memory_plan(num_params, world, args.strategy, largest, n_train, base_dtype.itemsize)
+    say(f"transformer: {num_params / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained; per rank under "
+        f"{args.strategy} x {world}: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in plan.items()))
 
     # data: prompt b (0 <= b < batch size) of each step in one seeded order; this rank takes b in `mine`. Every
     # random draw is keyed by (step, b), never by rank, so the world size is invisible to the math.
@@ -358,12 +391,11 @@ def main(argv=None):
                             os.path.join(args.output_dir, "text_cache"), device, torch.bfloat16 if cuda else torch.float32)
     sample_noise = latent_noise(args.resolution, rng(args.seed, "sample", rank), device)
 
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, betas=tuple(args.betas),
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay, eps=args.adam_eps)
-    start = latest_checkpoint(args.output_dir) if args.resume else 0
     if start:
-        load_checkpoint(transformer, optimizer, os.path.join(args.output_dir, f"checkpoint-{start}"))
-        say(f"resumed from {args.output_dir}/checkpoint-{start}")
+        checkpoint.load(transformer, optimizer, os.path.join(args.output_dir, f"checkpoint-{start}"))
+        say(f"resumed from {args.output_dir}/checkpoint-{start} (verified against its manifest)")
     if master:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -402,7 +434,7 @@ def main(argv=None):
                 out = srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, rng(args.seed, "t", step, b),
                                 args, loss_scale=1 / per_rank)
             sums.update(out)
-        grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
 
         # the batch's numbers, averaged; a non-finite loss or gradient stops all ranks before the weights change
@@ -415,6 +447,10 @@ def main(argv=None):
                  f"the optimizer step; last good checkpoint: {last_checkpoint}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not weights_finite(transformer, device):  # nothing is saved from here on
+            bar.close()
+            fail(f"the weights became non-finite at step {step + 1} (loss {stats['loss']}, gradient norm "
+                 f"{grad_norm.item()}): stopped before saving; last good checkpoint: {last_checkpoint}")
 
         record = {"step": step + 1, "loss": stats["loss"]}
         for n in ("denoise", "inversion"):
@@ -428,13 +464,20 @@ def main(argv=None):
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0):
-            last_checkpoint = save_checkpoint(transformer, optimizer, step + 1, args.output_dir, rank)
+            path, error = checkpoint.save(transformer, optimizer, step + 1, args.output_dir,
+                                          lambda folder: save_weights(transformer, folder, rank), rank, world)
+            if error:
+                bar.close()
+                fail(f"saving checkpoint-{step + 1} in {args.output_dir} failed ({error}); removed it; last good "
+                     f"checkpoint: {last_checkpoint}")
+            last_checkpoint = path
         if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
             save_samples(transformer, vae, sample_noise, conditioning(embeds(sample_caption), args.resolution, device),
                          sample_caption, os.path.join(args.output_dir, "samples", f"step-{step + 1:06d}.png"),
                          args, rank, world)
 
-    say(f"done: weights {last_checkpoint}/diffusion_pytorch_model.safetensors, metrics "
+    weights = "pytorch_lora_weights" if args.lora_rank else "diffusion_pytorch_model"
+    say(f"done: weights {last_checkpoint}/{weights}.safetensors, metrics "
         f"{args.output_dir}/metrics.jsonl, samples {args.output_dir}/samples/")
     dist.barrier()  # no rank tears down its connections while another still sends on them (gloo aborts then)
     dist.destroy_process_group()

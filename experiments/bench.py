@@ -32,10 +32,11 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import train
-from flux import conditioning, decode, encode_prompts, latent_noise, rollout, velocity
-from inputs import fail
 from direct_align import (default_gap, direct_align, euler_step, inject_noise, predict_x0, sigma_schedule,
                           train_window)
+from experiments import plots
+from flux import add_lora, conditioning, decode, encode_prompts, latent_noise, rollout, velocity
+from inputs import fail
 from srpo_reward import SRPReward, control_prompts, load_reward, srpo_loss
 
 # The models of the memory plan (section 4), as their config.json files on the hub give them.
@@ -59,6 +60,9 @@ PLAN_RESOLUTION = 720       # the release's training size (METHOD.md §5): 512 t
 PLAN_TEXT_TOKENS = 512
 PLAN_PROMPTS = 21           # train.py keeps steps + 1 cached embeddings on the GPU; the release's 20 steps
 WORLD_SIZES = (1, 8, 16, 32)
+LORA_RANK = 64              # the plan's LoRA: README's one-GPU command (Flow-GRPO's FLUX LoRA uses 64 too)
+LORA_WORLD_SIZES = (1, 8)
+LORA_BENCH_RANK = 16        # section 1's LoRA on the small bench model (width 128)
 GPU_BYTES = 80 * 2**30      # an 80 GB card (H100, A100 80GB) ...
 USABLE = 0.9                # ... of which 10% go to the CUDA context, NCCL buffers and allocator fragmentation
 CAPTION = "a cat sitting on a chair"
@@ -88,7 +92,7 @@ def parse_args(argv=None):
     a("--sigmas", type=float, nargs="+", default=[0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
     # output
     a("--json", help="write every number to this file as well")
-    a("--plot", default="out/bench_stability.png", help="section 2 as a PNG (needs matplotlib)")
+    a("--plot", default="out/bench_stability.png", help="section 2 as a PNG")
     args = p.parse_args(argv)
     if args.quick:  # parse again so that flags given explicitly override these
         p.set_defaults(repeats=1, resolution=64, layers=1, single_layers=1, heads=2, head_dim=16, vae_width=8,
@@ -156,13 +160,19 @@ def write_models(args, root):
     return types.SimpleNamespace(root=root, flux=flux, clip=tiny_clip)
 
 
-def load(args, dirs):
-    """The models as train.py loads them (fp32 transformer in train mode, frozen VAE and reward), train.py's
-    options (the HPS recipe), AdamW with the release's settings, and the caption's conditioning."""
+def load(args, dirs, lora_rank=0):
+    """The models as train.py loads them (fp32 transformer in train mode, or LoRA adapters of lora_rank on a frozen
+    base, bf16 on a GPU; frozen VAE and reward), train.py's options (the HPS recipe), AdamW with the release's
+    settings over what trains, and the caption's conditioning."""
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py: cuDNN attention's backward failed at this size
     targs = train.parse_args(["--resolution", str(args.resolution), "--rollout-steps", str(args.rollout_steps),
                               "--max-sequence-length", str(args.text_len)])
-    transformer = FluxTransformer2DModel.from_pretrained(dirs.flux, subfolder="transformer", dtype=torch.float32)
+    base_dtype = torch.bfloat16 if lora_rank and device.type == "cuda" else torch.float32
+    transformer = FluxTransformer2DModel.from_pretrained(dirs.flux, subfolder="transformer", dtype=base_dtype)
+    if lora_rank:
+        add_lora(transformer, lora_rank, lora_rank, base_dtype, seed=0)
     transformer = transformer.to(device).train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -170,8 +180,8 @@ def load(args, dirs):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     embeds = encode_prompts(dirs.flux, [CAPTION], args.text_len, os.path.join(dirs.root, "text_cache"),
                                   device, dtype)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=targs.lr, betas=tuple(targs.betas),
-                                  weight_decay=targs.weight_decay, eps=targs.adam_eps)
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=targs.lr,
+                                  betas=tuple(targs.betas), weight_decay=targs.weight_decay, eps=targs.adam_eps)
     return types.SimpleNamespace(
         transformer=transformer, vae=vae, reward=load_reward("hps", dirs.clip, device=device), optimizer=optimizer,
         cond=conditioning(embeds(CAPTION), args.resolution, device), targs=targs, device=device,
@@ -209,7 +219,7 @@ def train_step(m, method, k, step):
     n = m.targs.rollout_steps
     if method.startswith("direct_align"):
         x0 = rollout(m.transformer, noise, m.cond, n, m.targs.shift, m.targs.rollout_guidance)
-        m.targs.branches = "both" if method == "direct_align_both" else "denoise"
+        m.targs.branches = "both" if method.startswith("direct_align_both") else "denoise"
         train.srpo_step(m.transformer, m.vae, m.reward, x0, noise, m.cond, CAPTION, step,
                         train.rng(0, "t", step), m.targs)
     else:
@@ -224,7 +234,7 @@ def train_step(m, method, k, step):
         else:
             x0_hat = sample(m, x, sigmas[start:])
         srpo_loss(reward(m, x0_hat, step), m.targs.threshold).mean().backward()
-    torch.nn.utils.clip_grad_norm_(m.transformer.parameters(), m.targs.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_([p for p in m.transformer.parameters() if p.requires_grad], m.targs.max_grad_norm)
     m.optimizer.step()
     m.optimizer.zero_grad(set_to_none=True)
 
@@ -270,7 +280,7 @@ def measure(args, dirs, method, k):
     first step's grads, AdamW states, activations: a CPU allocator keeps freed memory, so later steps show less)."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    m = load(args, dirs)
+    m = load(args, dirs, lora_rank=k if method.endswith("_lora") else 0)
     held = reset_peak(m.device)
     train_step(m, method, k, 0)
     times = [timed(lambda: train_step(m, method, k, step), m.device) for step in range(1, args.repeats + 1)]
@@ -282,9 +292,12 @@ def measure(args, dirs, method, k):
 def step_costs(args, dirs):
     """Section 1: every method in its own process. The processes fork from a server that imported torch and
     diffusers once, which saves some 6 s of imports a method, and each still has its own peak memory."""
-    methods = [("direct_align", 1), ("direct_align_both", 2), ("refl", 1)] + [("draft", k) for k in args.draft_k]
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "train"])
+    methods = [("direct_align", 1), ("direct_align_both", 2), ("direct_align_both_lora", LORA_BENCH_RANK),
+               ("refl", 1)] + [("draft", k) for k in args.draft_k]
+    # a CUDA context does not survive a fork: spawn there, a forkserver with the imports done on a CPU
+    context = multiprocessing.get_context("spawn" if args.device == "cuda" else "forkserver")
+    if args.device != "cuda":
+        context.set_forkserver_preload(["__main__", "train"])
     with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
         rows = [pool.submit(measure, args, dirs, method, k).result() for method, k in methods]
     base = rows[0]
@@ -330,26 +343,12 @@ def stability(args, m):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"plot skipped: pip install matplotlib to save {path}")
-        return
+    """Section 2 as one PNG: the gradient and the x0 error against sigma, one-step prediction and Direct-Align."""
     sigmas = [r["sigma"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, label in ((axes[0], "grad_v", "|d reward / d v|"), (axes[1], "x0_error", "|x0_hat - x0| / |x0|")):
-        ax.semilogy(sigmas, [r[f"{key}_one_step"] for r in rows], "o-", label="one-step x0 = x - sigma v")
-        ax.semilogy(sigmas, [r[f"{key}_direct_align"] for r in rows], "s-", label="Direct-Align")
-        ax.set_xlabel("sigma (1 = pure noise)")
-        ax.set_ylabel(label)
-        ax.invert_xaxis()
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
+    plots.save(path, *[plots.line_plot(sigmas, {"one-step x - sigma v": [r[f"{key}_one_step"] for r in rows],
+                                                "Direct-Align": [r[f"{key}_direct_align"] for r in rows]},
+                                       "sigma (1 = pure noise)", label, log_y=True)
+                       for key, label in (("grad_v", "|d reward / d v|"), ("x0_error", "|x0_hat - x0| / |x0|"))])
     print(f"plot: {path}")
 
 
@@ -475,7 +474,9 @@ def activation_estimate():
         keeps no tokens x tokens matrix);
       VAE decode: FLUX.1-dev's VAE at 32 and 64 pixels, extrapolated to 720^2 pixels (convolutions: per pixel);
       reward: ViT-H-14's 32 layers and 16 heads at head_dim 4 and 8, extrapolated to 80 (width 1280), on a
-        720x720 image through the reward's own preprocessing.
+        720x720 image through the reward's own preprocessing; plus the bf16 copy of each of the frozen vision
+        tower's fp32 weights, which autocast makes and the backward keeps (the gradient flows to the image
+        through them). On one H200 this term measured 1.54 GiB; without the copies the estimate was 0.28.
     Without checkpointing the transformer keeps every block's internals; with it (diffusers checkpoints each
     block) only each block's inputs, (512 + 2025) x 3072 bf16 values, plus one block's internals at a time."""
     tokens_txt, tokens_img = PLAN_TEXT_TOKENS, (PLAN_RESOLUTION // 16) ** 2
@@ -512,23 +513,38 @@ def activation_estimate():
         transformer_checkpointed=blocks * (tokens_txt + tokens_img) * width * 2
         + max(per_block["double"], per_block["single"]) + per_block["other"],
         vae_decode=extrapolate(lambda pixels: vae(math.isqrt(pixels)), (32**2, 64**2), PLAN_RESOLUTION**2)["other"] / 2,
-        reward=extrapolate(clip, (4, 8), VIT_H_14["vision_config"]["hidden_size"] // 16)["other"] / 2)
+        reward=extrapolate(clip, (4, 8), VIT_H_14["vision_config"]["hidden_size"] // 16)["other"] / 2
+        + 2 * vision_params())
 
 
-def rank_memory(num_params, world_size, strategy, block_params, frozen_bytes, activations):
-    """Bytes per rank: train.memory_plan's fp32 weights, grads and AdamW states (the numbers train.py prints at
-    start), plus the larger of what the two phases of a step add on top (METHOD.md §5):
+def vision_params():
+    """ViT-H-14's image tower and projection, counted on the meta device."""
+    with torch.device("meta"):
+        model = CLIPModel(CLIPConfig(**VIT_H_14))
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(("vision_model", "visual_projection")))
+
+
+def rank_memory(num_params, world_size, strategy, block_params, frozen_bytes, activations, lora_params=0):
+    """Bytes per rank: train.memory_plan's weights, grads and AdamW states (the numbers train.py prints at start;
+    with lora_params, a bf16 base and fp32 adapters), plus the larger of what the two phases of a step add on top
+    (METHOD.md §5):
       training: compute copies (FSDP all-gathers bf16 weights block by block, two blocks at once (prefetch) and
         the root module's for the whole step, and holds one block's unsharded grads in bf16 and, for the
         reduce-scatter, in fp32; DDP's autocast keeps a bf16 copy of every weight through the step, and
         gradient_as_bucket_view spares a second copy of the grads) and activations, one branch at a time;
       rollout: no activations, but every block's bf16 weights stay gathered for its 25 steps (train.rollout);
-      frozen, both phases: the fp32 VAE and reward model and the cached text embeddings (no text encoder)."""
-    row = dict(world_size=world_size, strategy=strategy, **train.memory_plan(num_params, world_size, strategy))
+      frozen, both phases: the fp32 VAE and reward model and the cached text embeddings (no text encoder).
+    A LoRA's base is already bf16: DDP makes no copies of it, FSDP still gathers it block by block."""
+    lora = dict(trainable=lora_params, frozen_bytes=2) if lora_params else {}
+    row = dict(world_size=world_size, strategy=strategy, lora_params=lora_params,
+               **train.memory_plan(num_params, world_size, strategy, **lora))
     row["train_memory_plan_total"] = row.pop("total")
     largest, root = max(block_params), num_params - sum(block_params)
-    row["compute_copies"] = 2 * (2 * largest + root) + (2 + 4) * largest if strategy == "fsdp" else 2 * num_params
-    row["rollout_copies"] = 2 * num_params
+    if strategy == "fsdp":
+        row["compute_copies"] = 2 * (2 * largest + root) + (2 + 4) * largest
+    else:
+        row["compute_copies"] = 2 * (lora_params or num_params)
+    row["rollout_copies"] = 0 if lora_params and strategy == "ddp" else 2 * num_params
     row["frozen"] = frozen_bytes
     for suffix in ("", "_checkpointed"):
         row[f"activations{suffix}"] = activations[f"transformer{suffix}"] + activations["vae_decode"] \
@@ -556,7 +572,13 @@ def flux_dev_plan():
     activations = activation_estimate()
     plans = [rank_memory(params, w, s, block_params, frozen, activations)
              for w in WORLD_SIZES for s in ("fsdp", "ddp")]
-    return dict(params=params, vae_params=vae, reward_params=reward_params, text_encoder_params=text_params,
+    with torch.device("meta"):  # the adapters of --lora-rank 64 on FLUX.1-dev, exactly
+        lora_params = sum(p.numel() for p in add_lora(flux, LORA_RANK, LORA_RANK, torch.bfloat16, 0).parameters()
+                          if p.requires_grad)
+    plans += [rank_memory(params, w, s, block_params, frozen, activations, lora_params)
+              for w in LORA_WORLD_SIZES for s in ("fsdp", "ddp")]
+    return dict(params=params, lora_rank=LORA_RANK, lora_params=lora_params, vae_params=vae,
+                reward_params=reward_params, text_encoder_params=text_params,
                 text_encoders_bf16_while_caching=2 * text_params, text_embeddings=embeddings,
                 resolution=PLAN_RESOLUTION, activations=activations, gpu_bytes=GPU_BYTES, usable=USABLE, plans=plans)
 
@@ -600,9 +622,10 @@ def main(argv=None):
         print("## 1. One training step (rollout, the steps with gradient, VAE decode, reward, AdamW)\n")
         steps = step_costs(args, dirs)
         names = dict(direct_align="Direct-Align, 1 branch", direct_align_both="Direct-Align, both branches",
-                     refl="ReFL", draft="DRaFT-{k}")
+                     direct_align_both_lora="Direct-Align, both branches, LoRA rank {k}", refl="ReFL",
+                     draft="DRaFT-{k}")
         table(["method", "steps with grad", "time s", "x Direct-Align", "peak MiB", "step MiB", "x Direct-Align"],
-              [[names[r["method"]].format(**r), r["k"], f"{r['time_s']:.3f}", f"{r['time_ratio']:.2f}",
+              [[names[r["method"]].format(**r), 2 if r["method"].endswith("_lora") else r["k"], f"{r['time_s']:.3f}", f"{r['time_ratio']:.2f}",
                 f"{r['peak_mem_mb']:.0f}", f"{r['step_mem_mb']:.0f}", f"{r['mem_ratio']:.2f}"] for r in steps])
         print("peak: the process's peak " + ("allocated GPU memory" if device.type == "cuda" else "resident memory")
               + " over its steps; step: that peak above what it held before them (grads, AdamW states, "
@@ -642,9 +665,11 @@ def main(argv=None):
               f"{gib(act['vae_decode'])}; reward {gib(act['reward'])}. Fits: at most {USABLE:.0%} of 80 GiB.\n")
         print("total = weights + grads + AdamW + frozen + the larger of (bf16 copies + activations) while training "
               "and (all bf16 weights) while rolling out.\n")
+        print(f"LoRA rows: rank {plan['lora_rank']} adapters on FLUX.1-dev's targets (flux.LORA_TARGETS), "
+              f"{plan['lora_params']:,} parameters, trained in fp32 on a frozen bf16 base.\n")
         table(["GPUs", "strategy", "weights", "grads", "AdamW", "bf16 copies", "VAE, reward, text emb.", "activations",
                "total", "fits 80 GB", "activations, ckpt", "total, ckpt", "fits 80 GB, ckpt"],
-              [[r["world_size"], r["strategy"], gib(r["weights"]), gib(r["grads"]), gib(r["optimizer"]),
+              [[r["world_size"], r["strategy"] + (" LoRA" if r["lora_params"] else ""), gib(r["weights"]), gib(r["grads"]), gib(r["optimizer"]),
                 gib(r["compute_copies"]), gib(r["frozen"]), gib(r["activations"]), gib(r["total"]),
                 "yes" if r["fits_80gb"] else "no", gib(r["activations_checkpointed"]), gib(r["total_checkpointed"]),
                 "yes" if r["fits_80gb_checkpointed"] else "no"] for r in plan["plans"]])

@@ -1,5 +1,5 @@
 """Tests of bench.py: the memory plan's arithmetic against parameters counted by hand and by summing real models,
-and one --quick run's JSON (not its speed). Run: python -m pytest -q experiments/test_bench.py"""
+and one --quick run's tables, JSON and figure (not its speed). Run: python -m pytest -q experiments/test_bench.py"""
 import json
 import os
 import subprocess
@@ -9,9 +9,10 @@ import tempfile
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from PIL import Image
 
-from experiments import bench
 import train
+from experiments import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
@@ -97,17 +98,29 @@ def test_quick_run_writes_every_table_and_the_json(tmp_path):
         assert heading in done.stdout
     result = json.load(open(tmp_path / "bench.json"))
     steps = result["steps"]
-    assert [(s["method"], s["k"]) for s in steps] == [("direct_align", 1), ("direct_align_both", 2), ("refl", 1),
+    assert [(s["method"], s["k"]) for s in steps] == [("direct_align", 1), ("direct_align_both", 2),
+                                                      ("direct_align_both_lora", bench.LORA_BENCH_RANK), ("refl", 1),
                                                       ("draft", 1), ("draft", 3)]
     assert all(s["time_s"] > 0 and s["peak_mem_mb"] > 0 and len(s["times_s"]) == 1 for s in steps)
     assert steps[0]["time_ratio"] == 1
     assert len(result["stability"]) == 10 and all(r["grad_v_one_step"] > 0 for r in result["stability"])
     assert result["overhead"]["ratio"] > 0 and len(result["overhead"]["parts_s"]) == 5
+    assert Image.open(tmp_path / "plot.png").size == (2 * 640, 300)  # section 2's two panels, through plots.py
     plan = result["memory_plan"]
     assert plan["params"] == 11_901_408_320
-    assert {(p["world_size"], p["strategy"]) for p in plan["plans"]} == {(w, s) for w in (1, 8, 16, 32)
-                                                                        for s in ("fsdp", "ddp")}
+    # LoRA on FLUX.1-dev by hand: rank r on a linear in -> out adds r (in + out). Width D = 3072; a double block
+    # adapts 8 D -> D attention projections (16 r D) and two feed-forwards D -> 4D -> D (20 r D); a single block
+    # its q, k, v (6 r D): 19 * 36 + 38 * 6 = 912 r D.
+    assert plan["lora_params"] == 912 * plan["lora_rank"] * 3072
+    full = [p for p in plan["plans"] if not p["lora_params"]]
+    lora = [p for p in plan["plans"] if p["lora_params"]]
+    assert {(p["world_size"], p["strategy"]) for p in full} == {(w, s) for w in (1, 8, 16, 32) for s in ("fsdp", "ddp")}
+    assert {(p["world_size"], p["strategy"]) for p in lora} == {(w, s) for w in (1, 8) for s in ("fsdp", "ddp")}
     for p in plan["plans"]:
         shard = p["world_size"] if p["strategy"] == "fsdp" else 1
-        assert p["weights"] == 4 * plan["params"] / shard and p["optimizer"] == 8 * plan["params"] / shard
+        trained = p["lora_params"] or plan["params"]
+        assert p["weights"] == (4 * trained + (2 if p["lora_params"] else 4) * (plan["params"] - trained)) / shard
+        assert p["optimizer"] == 8 * trained / shard
         assert p["total_checkpointed"] < p["total"]
+    one_gpu = next(p for p in lora if p["world_size"] == 1 and p["strategy"] == "ddp")
+    assert one_gpu["total_checkpointed"] < 48e9  # the goal: the release's recipe with LoRA on one 48 GB GPU

@@ -1,7 +1,9 @@
-"""Tests of toy.py: scenes match their captions, a world builds deterministically, loads through the ordinary
-from_pretrained paths, and SRPO's control words steer it (claim 2's direction). Only the quick world is built
-here (seconds); the full world and the demo's claims are `python -m experiments.toy build && python -m experiments.toy demo`."""
+"""Tests of the toy world and its demo: scenes match their captions, a world builds deterministically, loads through
+the ordinary from_pretrained paths, the commands its build prints are ones the root's scripts accept, and SRPO's
+control words steer it (claim 2's direction). Only the quick world is built here (seconds); the full world and the
+demo's claims are `python -m experiments.toy build && python -m experiments.toy demo`."""
 import os
+import subprocess
 import tempfile
 
 import pytest
@@ -9,7 +11,10 @@ import torch
 from diffusers import FluxPipeline
 from transformers import AutoTokenizer, CLIPModel
 
-from experiments import toy
+import evaluate
+import sample
+import train
+from experiments import toy, toy_demo, toy_world
 from srpo_reward import load_reward
 
 torch.set_num_threads(2)
@@ -17,7 +22,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return toy.build(str(tmp_path_factory.mktemp("toy")), seed=0, quick=True)
+    return toy_world.build(str(tmp_path_factory.mktemp("toy")), seed=0, quick=True)
 
 
 def files(folder):
@@ -34,30 +39,30 @@ def test_scenes_are_what_their_captions_say():
     scenes = dict(shape=torch.tensor([0, 1]), color=torch.tensor([0, 2]), background=torch.tensor([0, 2]),
                   light=torch.tensor([0, 1]), level=torch.tensor([1.0, 0.4]), cx=torch.tensor([32.0, 32.0]),
                   cy=torch.tensor([32.0, 32.0]), r=torch.tensor([14.0, 14.0]))
-    assert toy.scene_captions(scenes, [None, "adjective"]) == ["a red circle on a white background",
-                                                               "a dark blue square on a black background"]
-    assert toy.scene_captions(scenes, ["control", None])[0] == "bright. a red circle on a white background"
-    images = toy.render(scenes)
+    assert toy_world.scene_captions(scenes, [None, "adjective"]) == ["a red circle on a white background",
+                                                                     "a dark blue square on a black background"]
+    assert toy_world.scene_captions(scenes, ["control", None])[0] == "bright. a red circle on a white background"
+    images = toy_world.render(scenes)
     assert images.shape == (2, 3, 64, 64)
-    assert torch.allclose(images[0, :, 32, 32], torch.tensor(toy.COLORS["red"]))
-    assert torch.allclose(images[0, :, 2, 2], torch.tensor(toy.BACKGROUNDS["white"]))
-    assert torch.allclose(images[1, :, 32, 32], 0.4 * torch.tensor(toy.COLORS["blue"]))
+    assert torch.allclose(images[0, :, 32, 32], torch.tensor(toy_world.COLORS["red"]))
+    assert torch.allclose(images[0, :, 2, 2], torch.tensor(toy_world.BACKGROUNDS["white"]))
+    assert torch.allclose(images[1, :, 32, 32], 0.4 * torch.tensor(toy_world.COLORS["blue"]))
     # corners of the square (half side 0.8 r) are inside it, the circle's are not
-    assert torch.allclose(images[1, :, 32 + 10, 32 + 10], 0.4 * torch.tensor(toy.COLORS["blue"]))
-    assert torch.allclose(images[0, :, 32 + 10, 32 + 10], torch.tensor(toy.BACKGROUNDS["white"]))
-    assert toy.parse_caption("a red circle on a white background") == ("circle", "red", "white")
-    train, held_out = toy.prompt_split(0)
-    assert len(train) == 32 and len(held_out) == 16 and not set(train) & set(held_out)
-    assert sorted(train + held_out) == sorted(toy.all_captions())
+    assert torch.allclose(images[1, :, 32 + 10, 32 + 10], 0.4 * torch.tensor(toy_world.COLORS["blue"]))
+    assert torch.allclose(images[0, :, 32 + 10, 32 + 10], torch.tensor(toy_world.BACKGROUNDS["white"]))
+    assert toy_world.parse_caption("a red circle on a white background") == ("circle", "red", "white")
+    train_prompts, held_out = toy_world.prompt_split(0)
+    assert len(train_prompts) == 32 and len(held_out) == 16 and not set(train_prompts) & set(held_out)
+    assert sorted(train_prompts + held_out) == sorted(toy_world.all_captions())
 
 
 def test_not_built_is_none(tmp_path):
-    assert toy.toy_model_paths(str(tmp_path)) is None
-    assert toy.toy_model_paths(str(tmp_path), quick=True) is None
+    assert toy_world.toy_model_paths(str(tmp_path)) is None
+    assert toy_world.toy_model_paths(str(tmp_path), quick=True) is None
 
 
 def test_same_seed_builds_the_same_world(world, tmp_path):
-    again = toy.build(str(tmp_path), seed=0, quick=True)
+    again = toy_world.build(str(tmp_path), seed=0, quick=True)
     first, second = files(os.path.dirname(world["flux"])), files(os.path.dirname(again["flux"]))
     assert first.keys() == second.keys()
     assert any(name.endswith(".safetensors") for name in first)
@@ -84,7 +89,7 @@ def test_world_loads_with_flux_pipeline_and_clip_model(world):
         assert reward.model.config.projection_dim == model.config.projection_dim
         assert reward.srp(torch.rand(2, 3, 64, 64), ["bright. a"] * 2, ["dark. a"] * 2, 0.1).shape == (2,)
     prompts = [line.strip() for line in open(world["eval_prompts"])]
-    assert len(prompts) == 16 and all(p in toy.all_captions() for p in prompts)
+    assert len(prompts) == 16 and all(p in toy_world.all_captions() for p in prompts)
 
 
 def test_control_words_steer_brightness_both_ways(world, tmp_path):
@@ -92,17 +97,70 @@ def test_control_words_steer_brightness_both_ways(world, tmp_path):
     brighter than the base model's, the swapped words darker. (The quick world's reward knows bright from dark;
     lr is high so that 4 steps move it.)"""
     pipe = FluxPipeline.from_pretrained(world["flux"])
-    state = {"vae": pipe.vae.eval(), "judge": toy.load_clip(world["judge"]),
+    state = {"vae": pipe.vae.eval(), "judge": toy_demo.load_clip(world["judge"]),
              "reward": load_reward("hps", world["reward"])}
-    base = toy.with_weights(pipe.transformer, pipe.transformer.state_dict())
+    base = toy_demo.with_weights(pipe.transformer, pipe.transformer.state_dict())
     prompts = [line.strip() for line in open(world["eval_prompts"])] * 2
-    truths = [toy.parse_caption(p) for p in prompts]
-    embeds = toy.flux_embeds(world["flux"], prompts, tempfile.mkdtemp(dir=tmp_path))
+    truths = [toy_world.parse_caption(p) for p in prompts]
+    embeds = toy_world.flux_embeds(world["flux"], prompts, tempfile.mkdtemp(dir=tmp_path))
     seeds = range(len(prompts))
-    brightness = {"base": toy.measure(base, state, embeds, truths, seeds)[0]["brightness"]}
+    brightness = {"base": toy_demo.measure(base, state, embeds, truths, seeds)[0]["brightness"]}
     for pos, neg in (("bright", "dark"), ("dark", "bright")):
-        weights, metrics = toy.srpo_run(world, str(tmp_path), pos, pos, neg, "both", 4, 1e-4)
+        weights, metrics = toy_demo.srpo_run(world, str(tmp_path), pos, pos, neg, "both", 4, 1e-4)
         assert len(metrics) == 4 and all(m["reward_inversion"] is not None for m in metrics)
-        brightness[pos] = toy.measure(toy.with_weights(base, weights[4]), state, embeds, truths, seeds)[0]["brightness"]
+        trained = toy_demo.with_weights(base, weights[4])
+        brightness[pos] = toy_demo.measure(trained, state, embeds, truths, seeds)[0]["brightness"]
     assert brightness["bright"] > brightness["base"] + 0.05, brightness
     assert brightness["dark"] < brightness["base"] - 0.02, brightness
+
+
+def test_printed_commands_run_in_bash_and_the_root_scripts_accept_them(world, tmp_path):
+    """What `build` prints is what commands() returns, pasted into bash; train.py checks its inputs, evaluate.py
+    loads the world's reward as hps and its judge as clip."""
+    argvs = toy_world.commands(world, out=str(tmp_path / "srpo"))
+    for argv in argvs:
+        text = toy_world.shell(argv)
+        done = subprocess.run(["bash", "-c", 'python() { printf "%s\\0" "$@"; }\n' + text], capture_output=True,
+                              text=True, check=True)
+        assert done.stdout.split("\0")[:-1] == argv[1:], text
+    (_, _, *train_argv), (_, _, *sample_argv), (_, _, *evaluate_argv) = argvs
+    args = train.parse_args(train_argv)
+    train.check_inputs(args)
+    assert (args.model, args.reward_path, args.resolution, args.max_sequence_length) == \
+        (world["flux"], world["reward"], 64, 16)
+    args = sample.parse_args(sample_argv)
+    assert (args.height, args.width, args.max_sequence_length) == (64, 64, 16)
+    assert args.weights.endswith(f"checkpoint-{toy_world.SRPO_STEPS}")
+    args = evaluate.parse_args(evaluate_argv)
+    rewards = evaluate.load_rewards(args.reward, args.reward_path, args.clip_h, "cpu")
+    assert {kind: info["path"] for kind, (_, info) in rewards.items()} == {"hps": world["reward"],
+                                                                           "clip": world["judge"]}
+
+
+def test_paths_prints_the_commands_or_fails_in_one_line(world, tmp_path, capsys):
+    root = os.path.dirname(os.path.dirname(world["flux"]))
+    toy.main(["paths", "--root", root, "--quick"])
+    out = capsys.readouterr().out
+    assert all(toy_world.shell(argv) in out for argv in toy_world.commands(world))
+    with pytest.raises(SystemExit) as e:
+        toy.main(["paths", "--root", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: no toy world at") and "\n" not in err
+
+
+def test_report_template_takes_every_number_and_each_claim_3_verdict(tmp_path):
+    run = dict(brightness=0.4, judge_accuracy=0.6, judge_shape=0.5, judge_color=0.6, judge_background=0.7,
+               judge_score=0.2, reward_bright=0.01)
+    rows1 = [dict(sigma=s, mse_one_step=0.03, mse_direct_align=0.003, judge_one_step=0.4, judge_direct_align=0.6)
+             for s in toy_demo.CLAIM1_SIGMAS]
+    for denoise_only_accuracy, verdict in ((0.6, "Claim 3 is not reproduced"), (0.4, "Claim 3 is reproduced")):
+        finals = {"base": run, "bright": dict(run, brightness=0.5, train_reward=0.3),
+                  "dark": dict(run, brightness=0.3, train_reward=0.3)}
+        for name in ("bright", "dark"):
+            finals[f"{name}, denoise only"] = dict(finals[name], judge_accuracy=denoise_only_accuracy)
+        curves = {name: [(0, run), (40, finals[name])] for name in toy_demo.RUNS}
+        path = toy_demo.write_report(str(tmp_path), finals, curves, rows1, 0.7, 40, 1e-5, 16, 8, 150)
+        report = open(path).read()
+        assert verdict in report and "$" not in report, report
+        assert "| 0.95 | 0.0300 | 0.0030 | 10.0x | 40% | 60% |" in report
+        assert "| 40 | 0.500 / 60% | 0.300 / 60% |" in report

@@ -1,0 +1,207 @@
+"""Checkpoints that prove themselves, and one run per output folder.
+
+    checkpoint-N/
+        diffusion_pytorch_model.safetensors, config.json   the published weights (what FluxPipeline loads)
+        state/                                             sharded fp32 model and AdamW states, for --resume
+        manifest.json                                      every file above with its size and sha256, written last
+
+A checkpoint is written as checkpoint-N.tmp and renamed when complete, so a crash never leaves a folder named
+checkpoint-N; its manifest then says what complete means, and `verify` re-reads every file against it before
+--resume trusts the folder (bytes flipped or cut by a disk, a copy or a hand). Every function here is called
+on every rank: the work is split between ranks and the verdict is the same everywhere.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from inputs import fail
+
+MANIFEST = "manifest.json"
+# state/ holds what trains: every weight, or a LoRA's adapters (its frozen base is the --model's, read again)
+TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+HELD = {}  # output_dir -> this process's lock file
+
+
+def lock(output_dir):
+    """Hold output_dir/.lock for the life of this process (rank 0 calls it), or return the holder's description.
+    The kernel releases the lock when its process dies, however it dies, so a killed run never blocks its
+    resume; the file keeps who held it last, for the message. A process runs one train.main at a time, so a lock
+    it still holds from an earlier one (ended by an error) is let go first."""
+    if output_dir in HELD:
+        HELD.pop(output_dir).close()
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        f = open(os.path.join(output_dir, ".lock"), "a+")
+    except OSError as e:  # a file of that name, no permission, a read-only disk
+        fail(f"--output-dir {output_dir}: cannot write in it ({e.strerror or e})")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return None, f.read().strip() or "another process"
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    HELD[output_dir] = f
+    return f, None
+
+
+def complete_steps(output_dir):
+    """Steps of the folders named checkpoint-N (renamed, so complete when written), newest first."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted((int(m[1]) for n in names if (m := re.fullmatch(r"checkpoint-(\d+)", n))), reverse=True)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_of(folder):
+    """Every file under folder, as paths relative to it, sorted."""
+    return sorted(os.path.relpath(os.path.join(parent, name), folder)
+                  for parent, _, names in os.walk(folder) for name in names)
+
+
+def gather(items, rank, world):
+    """The union over ranks of each rank's dict."""
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def one_line(e):
+    """An exception as one line: DCP's CheckpointException carries each rank's traceback; its last line is the cause."""
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
+def agree(error, world):
+    """The first rank's error, or None, the same on every rank (so all take the same branch); also a barrier."""
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+# What a failed write raises: OSError (a full disk; a size limit, with SIGXFSZ ignored), and the same wrapped by DCP
+# (CheckpointException) or by safetensors (SafetensorError).
+WRITE_ERRORS = (OSError, CheckpointException, SafetensorError)
+
+
+def save(transformer, optimizer, step, output_dir, publish, rank, world):
+    """checkpoint-{step}/ as the module docstring shows. publish(folder) writes the published weights on rank 0.
+    Returns (path, None), or (None, the error) after a failed write (a full disk, a size limit) on any rank, with
+    the partial folder removed and every earlier checkpoint untouched."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # a folder a killed save left
+            os.makedirs(tmp)
+        except WRITE_ERRORS as e:
+            error = one_line(e)
+    error = agree(error, world)
+    if not error:
+        try:
+            dcp.save({"model": get_model_state_dict(transformer, options=TRAINED),
+                      "optimizer": get_optimizer_state_dict(transformer, optimizer)},
+                     checkpoint_id=os.path.join(tmp, "state"))
+            publish(tmp)  # collective (it gathers the full weights); rank 0 writes
+        except WRITE_ERRORS as e:
+            error = one_line(e)
+        error = agree(error, world)
+    if not error:  # the manifest: each rank hashes a share of the files, rank 0 writes it last, then renames
+        try:
+            files = files_of(tmp)
+            mine = {f: [os.path.getsize(os.path.join(tmp, f)), sha256(os.path.join(tmp, f))]
+                    for f in files[rank::world]}
+        except OSError as e:
+            mine, error = {}, one_line(e)
+        manifest = gather(mine, rank, world)
+        error = agree(error, world)
+    if not error:
+        if rank == 0:
+            try:
+                with open(os.path.join(tmp, MANIFEST), "w") as f:
+                    json.dump({"step": step, "files": manifest}, f, indent=1)
+                os.replace(tmp, final)
+            except OSError as e:
+                error = one_line(e)
+        error = agree(error, world)
+    if error and rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return (None, error) if error else (final, None)
+
+
+def verify(path, rank, world):
+    """None if every file of the checkpoint folder matches its manifest, else what is wrong, in a few words."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = {name: (int(size), str(digest)) for name, (size, digest) in json.load(f)["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"no readable {MANIFEST}"
+    problems = {}
+    names = sorted(manifest)
+    for name in names[rank::world]:
+        size, digest = manifest[name]
+        full = os.path.join(path, name)
+        try:
+            if not os.path.isfile(full):
+                problems[name] = f"{name} is missing"
+            elif os.path.getsize(full) != size:
+                problems[name] = f"{name} has {os.path.getsize(full)} bytes, {size} were written"
+            elif sha256(full) != digest:
+                problems[name] = f"{name} differs from what was written (sha256)"
+        except OSError as e:  # no permission, an I/O error
+            problems[name] = f"{name} cannot be read ({e.strerror or e})"
+    if rank == 0:
+        extra = [f for f in files_of(path) if f != MANIFEST and f not in manifest]
+        if extra:
+            problems[extra[0]] = f"{extra[0]} was not written with it"
+    problems = gather(problems, rank, world)
+    return problems[min(problems)] if problems else None
+
+
+def newest_intact(output_dir, rank, world):
+    """(step, None) of the newest checkpoint, 0 if there is none, once it verifies; (None, message) when it is
+    broken: --resume never trains from it, and the message names it and the newest intact one."""
+    steps = complete_steps(output_dir)
+    if not steps:
+        return 0, None
+    newest = os.path.join(output_dir, f"checkpoint-{steps[0]}")
+    broken = verify(newest, rank, world)
+    if broken is None:
+        return steps[0], None
+    intact = next((s for s in steps[1:] if verify(os.path.join(output_dir, f"checkpoint-{s}"), rank, world) is None),
+                  None)
+    fallback = f"the newest intact one is checkpoint-{intact}" if intact else "no earlier checkpoint is intact"
+    return None, (f"--resume: {newest} is broken ({broken}); {fallback}. Move it aside (e.g. to "
+                  f"{output_dir}/broken-checkpoint-{steps[0]}) and resume again")
+
+
+def load(transformer, optimizer, path):
+    """Model and AdamW states from a verified checkpoint, each rank reading its shards."""
+    state = {"model": get_model_state_dict(transformer, options=TRAINED),
+             "optimizer": get_optimizer_state_dict(transformer, optimizer)}
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+    set_model_state_dict(transformer, state["model"], options=TRAINED)
+    set_optimizer_state_dict(transformer, optimizer, state["optimizer"])

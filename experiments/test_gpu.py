@@ -1,0 +1,85 @@
+"""Tests of gpu.py's arithmetic and report on GPU-shaped numbers made up here (the script itself needs a GPU for its
+memory terms; `python -m experiments.gpu --tiny` runs it end to end on a CPU). Run:
+python -m pytest -q experiments/test_gpu.py"""
+import copy
+import types
+
+import pytest
+
+from experiments import bench, gpu
+
+CFG = types.SimpleNamespace(**gpu.GPU, tiny=False)
+DOUBLE, SINGLE = 339_831_296, 141_591_808  # FLUX.1-dev's blocks: 36 D^2 + 30 D + 4 d and 15 D^2 + 11 D + 2 d
+REST = 11_901_408_320 - 19 * DOUBLE - 38 * SINGLE
+
+
+def results():
+    """A run in which every measured memory term is exactly the plan's and the times are round numbers."""
+    params = CFG.layers * DOUBLE + CFG.single_layers * SINGLE + REST
+    r = dict(date="today", seconds={"models": 1.0}, notes={},
+             models=dict(device="GPU", torch="2", params=params, target_params=11_901_408_320, double_params=DOUBLE,
+                         single_params=SINGLE, block_params=[DOUBLE] * CFG.layers + [SINGLE] * CFG.single_layers,
+                         vae_params=83_819_683, reward_params=986_109_184),
+             plan=dict(per_block=dict(double=376e6, single=328e6, other=45e6), transformer=19.6e9,
+                       transformer_checkpointed=1.3e9, vae_decode=5.9e9, reward=0.3e9))
+    plan = gpu.reduced_plan(CFG, r)
+    ddp, acts = plan["ddp"], plan["activations"]
+    branch_peak = ddp["grads"] + ddp["compute_copies"] + acts["transformer_checkpointed"] + acts["vae_decode"] \
+        + acts["reward"]
+    step = dict(rollout_s=2.0, branches_s=1.0, optimizer_s=0.1, rollout_peak=ddp["rollout_copies"],
+                branches_peak=branch_peak, optimizer_peak=1e9, branches_kept=ddp["grads"],
+                optimizer_kept=ddp["optimizer"], rollout_max=0, optimizer_max=0, branches_max=ddp["total_checkpointed"])
+    blocks = {kind: dict(forward_s=f, train_s=4 * f, held=r["plan"]["per_block"][kind] + 2 * n,
+                         held_checkpointed=plan["tokens"] * plan["width"] * 2 + 2 * n)
+              for kind, f, n in (("double", 0.01, DOUBLE), ("single", 0.005, SINGLE))}
+    r["anatomy"] = dict(weights=ddp["weights"], frozen=plan["frozen"], blocks=dict(blocks, rest_forward_s=0.002),
+                        fixed=dict(vae_decode_s=0.05, reward_s=0.02, vae_decode_peak=acts["vae_decode"],
+                                   reward_peak=acts["reward"]),
+                        steps=[step, step], rollout_steps=25, branches=2, checkpointing=True)
+    for s in ("fsdp", "ddp"):
+        r[f"train-{s}"] = dict(status="ok", steps=3, step_time_s=3.3, rollout_s=2.0, branches_s=1.1, rest_s=0.2,
+                               max_memory_gib=plan[s]["total_checkpointed"] / 2**30)
+    return r
+
+
+def test_extrapolation_adds_each_missing_block_at_its_measured_cost():
+    ex = gpu.extrapolate(CFG, results())
+    more_double, more_single = 19 - CFG.layers, 38 - CFG.single_layers
+    assert ex["rollout_s"] == pytest.approx(2.0 + 25 * (more_double * 0.01 + more_single * 0.005))
+    assert ex["branches_s"] == pytest.approx(1.0 + 2 * (more_double * 0.04 + more_single * 0.02))
+    params = CFG.layers * DOUBLE + CFG.single_layers * SINGLE + REST
+    assert ex["optimizer_one_gpu_s"] == pytest.approx(0.1 * 11_901_408_320 / params)
+    assert ex["train_py_over_bare"] == pytest.approx(3.3 / 3.1)
+    for gpus, prompts in ((8, 4), (32, 1)):
+        g = ex["gpus"][gpus]
+        assert g["step_s"] == pytest.approx(prompts * ex["prompt_s"] + ex["optimizer_one_gpu_s"] / gpus)
+        assert g["minutes"] == pytest.approx(20 * g["step_s"] / 60)
+        assert g["memory_plan"] == bench.rank_memory(11_901_408_320, gpus, "fsdp", [DOUBLE] * 19 + [SINGLE] * 38,
+                                                     gpu.frozen_bytes(CFG, results()["models"]),
+                                                     results()["plan"])["total_checkpointed"]
+
+
+def test_a_model_with_all_of_flux_dev_blocks_extrapolates_to_itself():
+    cfg = types.SimpleNamespace(**dict(vars(CFG), layers=19, single_layers=38))
+    r = results()
+    r["models"]["params"] = r["models"]["target_params"]
+    ex = gpu.extrapolate(cfg, r)
+    assert (ex["rollout_s"], ex["branches_s"], ex["optimizer_one_gpu_s"]) == (2.0, 1.0, 0.1)
+
+
+def test_report_flags_exactly_the_terms_off_by_more_than_15_percent():
+    r = results()
+    assert "**off by" not in gpu.report(CFG, r)
+    r["anatomy"]["weights"] *= 1.2   # flagged
+    r["anatomy"]["frozen"] *= 1.1    # within the tolerance
+    text = gpu.report(CFG, r)
+    assert text.count("**off by") == 1 and "fp32 weights, after load | " in text and "**off by +20%**" in text
+
+
+def test_report_of_a_run_cut_short_has_its_notes_and_no_later_tables():
+    r = copy.deepcopy(results())
+    for key in ("plan", "anatomy", "train-fsdp", "train-ddp"):
+        del r[key]
+    r["notes"]["bench"] = "skipped: 470 s gone"
+    text = gpu.report(CFG, r)
+    assert "- bench: skipped: 470 s gone" in text and "## 2." not in text and "EXTRAPOLATED" not in text

@@ -1,0 +1,473 @@
+"""Faults and hostile input: nothing broken is trusted, nothing is trained that the user did not mean. kill -9 of a
+rank mid-step and mid-save, SIGTERM, broken checkpoints, two runs on one folder, a write failure while saving,
+non-finite weights, and bad input to train.py, sample.py and evaluate.py. Each case checks what the user sees (one
+`error:` line, the exit code) and what is on disk; recovery is checked bit for bit against an uninterrupted run.
+CPU only, tiny random models; the runs of two ranks are marked slow (CI runs them)."""
+import gc
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import evaluate
+import sample
+import train
+from inputs import load_image
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
+FAST = ["--rollout-steps", "2", "--resolution", "32", "--max-sequence-length", "32", "--sample-every", "0"]
+RUN = [*FAST, "--steps", "6", "--checkpoint-every", "2", "--lr", "1e-3"]  # batch 2: one prompt a rank on two
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+# train.py with one rank paused at a chosen moment until the test kills it: PAUSE=step:N:RANK pauses after the
+# backward of step N, before its optimizer step; PAUSE=save:N:RANK inside the save of checkpoint-N, once this
+# rank's shard is written (no manifest yet). The paused rank writes its pid to the file $PAUSED.
+PAUSING_TRAIN = """
+import os, sys, time
+import torch.distributed.checkpoint as dcp
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+import train
+where, step, rank = os.environ["PAUSE"].split(":")
+
+def pause():
+    with open(os.environ["PAUSED"] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.environ["PAUSED"] + ".tmp", os.environ["PAUSED"])
+    while True:
+        time.sleep(1)
+
+def before_optimizer_step(optimizer, args, kwargs):
+    done = next(iter(optimizer.state.values()), {}).get("step", 0)  # steps taken, those resumed included
+    if int(done) + 1 == int(step):
+        pause()
+
+def save(state_dict, *, checkpoint_id, **kwargs):
+    real_save(state_dict, checkpoint_id=checkpoint_id, **kwargs)
+    if f"checkpoint-{step}.tmp" in str(checkpoint_id):
+        pause()
+
+if int(os.environ["RANK"]) == int(rank):
+    if where == "step":
+        register_optimizer_step_pre_hook(before_optimizer_step)
+    else:
+        real_save, dcp.save = dcp.save, save
+train.main(sys.argv[1:])
+"""
+
+
+def launch(*args, nproc=1, script="train.py", env=None, **kwargs):
+    """train.py (or script) as a user starts it: python, or torchrun with nproc ranks."""
+    # --standalone: a free port of its own, so runs beside other torchrun jobs do not collide on 29500
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, script, *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}, **kwargs)
+
+
+def finish(p, timeout=600):
+    stdout, stderr = p.communicate(timeout=timeout)
+    return p.returncode, stdout + stderr
+
+
+def one_error(output):
+    """The message of the one `error: ...` line; no frame of ours (torchrun adds a report of its own)."""
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and 'train.py", line' not in output and 'sample.py", line' not in output, output[-6000:]
+    return errors[0][len("error: "):]
+
+
+def in_process_error(main, argv, capsys):
+    """main(argv) in this process: exit code 2 and one `error: ...` line, its last; returns the message."""
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        code = e.value.code
+    finally:  # a traceback would leave train.py's process group behind for the next case
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    del e
+    gc.collect()  # the frames of the failed run, and so its lock on --output-dir (a process would have ended)
+    err = capsys.readouterr().err.rstrip("\n").split("\n")
+    assert code == 2 and err[-1].startswith("error: ") and sum(x.startswith("error: ") for x in err) == 1, err
+    return err[-1][len("error: "):]
+
+
+def checkpoints(out):
+    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+
+
+def intact(folder):
+    """Every file of a checkpoint is in its manifest with its size and sha256, hashed here anew, and no other."""
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))["files"]
+    files = {os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names}
+    if files != {*manifest, "manifest.json"}:
+        return False
+    for name, (size, digest) in manifest.items():
+        data = open(os.path.join(folder, name), "rb").read()
+        if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+            return False
+    return True
+
+
+def rows(out):
+    """metrics.jsonl without the wall times, which differ between runs."""
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")} for line in open(out / "metrics.jsonl")]
+
+
+def dcp_state(folder):
+    """A checkpoint's sharded training state, gathered into one dict by torch's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(os.path.join(folder, "state"), os.path.join(d, "state.pt"))
+        return torch.load(os.path.join(d, "state.pt"), weights_only=False)
+
+
+def assert_same_training_state(a, b):
+    """Model weights, AdamW's states and the published file, bit for bit."""
+    sa, sb = dcp_state(a), dcp_state(b)
+    assert sa["model"].keys() == sb["model"].keys()
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    for key, state in sa["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, sb["optimizer"]["state"][key][name]), (key, name)
+    assert open(a / WEIGHTS, "rb").read() == open(b / WEIGHTS, "rb").read()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of two ranks: 6 steps, checkpoints 2, 4, 6."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    code, output = finish(launch(*RUN, "--output-dir", out, nproc=2))
+    assert code == 0 and "done: weights" in output, output[-6000:]
+    return out
+
+
+# ---------------------------------------------------------------- kill -9, SIGTERM, then --resume
+
+def interrupt(out, pause, sig, whom, resume):
+    """A 2-rank run of RUN paused at `pause` (see PAUSING_TRAIN), then sent sig: to the paused rank, or to torchrun."""
+    paused = out.parent / "paused"
+    (out.parent / "pausing_train.py").write_text(PAUSING_TRAIN)
+    p = launch(*RUN, "--output-dir", out, *(["--resume"] if resume else []), nproc=2,
+               script=str(out.parent / "pausing_train.py"), env={"PAUSE": pause, "PAUSED": str(paused)})
+    deadline = time.time() + 600
+    while not paused.exists():
+        assert p.poll() is None and time.time() < deadline, finish(p)[1][-6000:]
+        time.sleep(0.05)
+    os.kill(int(paused.read_text()) if whom == "rank" else p.pid, sig)
+    paused.unlink()
+    code, output = finish(p, timeout=300)
+    assert code != 0 and "done: weights" not in output
+
+
+@pytest.mark.slow
+def test_kill_9_mid_step_and_mid_save_and_sigterm_then_resume_ends_bit_identical(tmp_path, reference):
+    out = tmp_path / "out"
+    # kill -9 of rank 1 in step 3, after its backward: checkpoint-2 is the newest, and intact
+    interrupt(out, "step:3:1", signal.SIGKILL, "rank", resume=False)
+    assert checkpoints(out) == ["checkpoint-2"] and intact(out / "checkpoint-2")
+    assert [r["step"] for r in rows(out)] == [1, 2]
+    # the killed run's lock file names its rank 0, which is gone: it must not block the resume
+    holder = int(open(out / ".lock").read().split()[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(holder, 0)
+    # --resume, and kill -9 of rank 1 inside the save of checkpoint-4: a .tmp folder without a manifest
+    interrupt(out, "save:4:1", signal.SIGKILL, "rank", resume=True)
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4.tmp"]
+    assert os.listdir(out / "checkpoint-4.tmp" / "state") and not (out / "checkpoint-4.tmp" / "manifest.json").exists()
+    # --resume from checkpoint-2 again, and SIGTERM to torchrun (what a scheduler sends) in step 5
+    interrupt(out, "step:5:0", signal.SIGTERM, "torchrun", resume=True)
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and intact(out / "checkpoint-4")
+    # --resume to the end: the same bits as the run that was never interrupted
+    code, output = finish(launch(*RUN, "--output-dir", out, "--resume", nproc=2))
+    assert code == 0 and f"resumed from {out}/checkpoint-4" in output, output[-6000:]
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert_same_training_state(out / "checkpoint-6", reference / "checkpoint-6")
+    assert rows(out) == rows(reference)
+
+
+# ---------------------------------------------------------------- broken checkpoints are never trusted
+
+def resume_message(out, newest, problem, intact_step):
+    return (f"--resume: {out}/checkpoint-{newest} is broken ({problem}); the newest intact one is "
+            f"checkpoint-{intact_step}. Move it aside (e.g. to {out}/broken-checkpoint-{newest}) and resume again")
+
+
+@pytest.mark.slow
+def test_a_missing_shard_is_refused_with_one_line_from_two_ranks(tmp_path, reference):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    os.remove(out / "checkpoint-6" / "state" / "__1_0.distcp")
+    code, output = finish(launch(*RUN, "--output-dir", out, "--resume", nproc=2))
+    assert code != 0
+    assert one_error(output) == resume_message(out, 6, "state/__1_0.distcp is missing", 4)
+    assert rows(out) == rows(reference) and intact(out / "checkpoint-4")  # nothing was touched
+
+
+@pytest.mark.slow
+def test_corrupted_or_truncated_newest_checkpoint_is_refused_and_the_intact_one_resumes(tmp_path, reference, capsys):
+    flipped, cut, garbled = tmp_path / "flipped", tmp_path / "cut", tmp_path / "garbled"
+    for out in (flipped, cut, garbled):
+        shutil.copytree(reference, out)
+    shard = flipped / "checkpoint-6" / "state" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    shard.write_bytes(bytes(data))  # random bytes, the size unchanged
+    published = cut / "checkpoint-6" / WEIGHTS
+    size = published.stat().st_size
+    os.truncate(published, size // 2)
+    (garbled / "checkpoint-6" / "manifest.json").write_text('{"step": 6, "files": {"config.json": 383}}')
+    for out, problem in ((flipped, "state/__0_0.distcp differs from what was written (sha256)"),
+                         (cut, f"{WEIGHTS} has {size // 2} bytes, {size} were written"),
+                         (garbled, "no readable manifest.json")):
+        assert in_process_error(train.main, [*RUN, "--output-dir", out, "--resume"], capsys) == \
+            resume_message(out, 6, problem, 4)
+        assert rows(out) == rows(reference)
+    # moved aside as the message says, the run resumes from checkpoint-4 (on one rank now) and redoes 5 and 6
+    os.rename(cut / "checkpoint-6", cut / "broken-checkpoint-6")
+    train.main([*RUN, "--output-dir", str(cut), "--resume"])
+    assert checkpoints(cut) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"] and intact(cut / "checkpoint-6")
+    assert [r["step"] for r in rows(cut)] == [1, 2, 3, 4, 5, 6] and rows(cut)[:4] == rows(reference)[:4]
+
+
+@pytest.mark.slow
+def test_a_size_limit_hit_while_saving_is_one_line_and_the_previous_checkpoint_stays(tmp_path, reference):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    shard = min(f.stat().st_size for f in (out / "checkpoint-6" / "state").glob("*.distcp"))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (shard // 2, shard // 2))  # noqa: E731
+    code, output = finish(launch(*RUN, "--steps", "7", "--output-dir", out, "--resume", nproc=2,
+                                 preexec_fn=limit))
+    assert code != 0
+    assert one_error(output) == (f"saving checkpoint-7 in {out} failed (OSError: [Errno 27] File too large); removed "
+                                 f"it; last good checkpoint: {out}/checkpoint-6")
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"] and intact(out / "checkpoint-6")
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6, 7]  # step 7 is redone by a --resume
+
+
+def test_a_failed_write_of_the_published_weights_is_returned_not_raised(tmp_path):
+    """A full disk while rank 0 writes the safetensors file, after the collective part of the save succeeded."""
+    from safetensors.torch import save_file
+    import checkpoint
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(8)).sum().backward()
+    optimizer.step()
+    publish = lambda folder: save_file({"w": torch.zeros(50_000)}, os.path.join(folder, WEIGHTS))  # noqa: E731
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    old_handler, old_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        assert checkpoint.save(model, optimizer, 1, str(tmp_path), publish, 0, 1) == (str(tmp_path / "checkpoint-1"),
+                                                                                       None)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, old_limit[1]))  # state: a few kB; weights: 200 kB
+        path, error = checkpoint.save(model, optimizer, 2, str(tmp_path), publish, 0, 1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+        dist.destroy_process_group()
+    assert path is None and "File too large" in error and "\n" not in error
+    assert checkpoints(tmp_path) == ["checkpoint-1"] and intact(tmp_path / "checkpoint-1")
+
+
+def test_weights_that_become_non_finite_stop_the_run_before_saving(tmp_path, capsys):
+    """A fault that turns weights to inf after an optimizer step whose loss and gradient were finite."""
+    from torch.distributed.tensor import DTensor
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def poison(optimizer, args, kwargs):
+        if int(next(iter(optimizer.state.values()))["step"]) == 2:
+            p = optimizer.param_groups[0]["params"][0]
+            with torch.no_grad():
+                (p.to_local() if isinstance(p, DTensor) else p).fill_(float("inf"))
+    hook = register_optimizer_step_post_hook(poison)
+    try:
+        message = in_process_error(train.main, [*FAST, "--steps", "3", "--checkpoint-every", "1", "--output-dir",
+                                                tmp_path / "out"], capsys)
+    finally:
+        hook.remove()
+    assert message.startswith("the weights became non-finite at step 2 (loss ")
+    assert message.endswith(f"stopped before saving; last good checkpoint: {tmp_path}/out/checkpoint-1")
+    assert checkpoints(tmp_path / "out") == ["checkpoint-1"] and intact(tmp_path / "out" / "checkpoint-1")
+    assert [r["step"] for r in rows(tmp_path / "out")] == [1]
+
+
+# ---------------------------------------------------------------- one run per output folder
+
+def test_two_runs_started_together_on_one_folder_one_wins(tmp_path):
+    out = tmp_path / "out"
+    runs = {seed: launch(*FAST, "--steps", "3", "--checkpoint-every", "0", "--seed", seed, "--output-dir", out)
+            for seed in (1, 2)}
+    codes = {seed: finish(p) for seed, p in runs.items()}
+    assert sorted(code for code, _ in codes.values()) == [0, 2], codes
+    winner = next(seed for seed, (code, _) in codes.items() if code == 0)
+    loser = 3 - winner
+    assert one_error(codes[loser][1]).startswith(f"--output-dir {out}: in use by another run (pid {runs[winner].pid} "
+                                                 f"on {socket.gethostname()}, since ")
+    assert json.load(open(out / "args.json"))["seed"] == winner  # only the winner wrote here
+    assert [r["step"] for r in rows(out)] == [1, 2, 3] and checkpoints(out) == ["checkpoint-3"]
+    assert intact(out / "checkpoint-3")
+
+
+@pytest.mark.slow
+def test_every_rank_exits_0_after_done_runs_side_by_side(tmp_path):
+    """Gloo aborted a rank that tore down its connections while another still used them: three runs at once."""
+    runs = [launch(*FAST, "--steps", "1", "--output-dir", tmp_path / str(i), nproc=2) for i in range(3)]
+    for p in runs:
+        code, output = finish(p)
+        assert code == 0 and "done: weights" in output and "Traceback" not in output, output[-6000:]
+
+
+# ---------------------------------------------------------------- input that would silently change what is trained
+
+def test_bad_numbers_and_files_stop_train_py_before_anything_loads(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+
+    def error(*argv):
+        return in_process_error(train.main, [*FAST, "--output-dir", out, *argv], capsys)
+    assert error("--resolution", "0") == "--resolution 0: expected a positive multiple of 16 (8x VAE, then 2x2 patches)"
+    assert error("--rollout-steps", "0") == "--rollout-steps 0: expected at least 1 Euler step"
+    assert error("--steps", "0") == "--steps 0: expected at least 1 optimizer step"
+    assert error("--steps", "-1") == "--steps -1: expected at least 1 optimizer step"
+    assert error("--lr", "-1").startswith("--lr -1.0: expected a positive learning rate")
+    (tmp_path / "a-file").write_text("")
+    assert error("--output-dir", tmp_path / "a-file") == \
+        f"--output-dir {tmp_path}/a-file: cannot write in it (File exists)"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert error("--batch-size", "3").startswith("--batch-size 3: must be a positive multiple of the 2 ranks")
+    monkeypatch.delenv("WORLD_SIZE")
+    (tmp_path / "prompts.txt").write_bytes("a cat\na caf\xe9 on a street\n".encode("latin-1"))
+    assert error("--prompts", tmp_path / "prompts.txt") == (
+        f"--prompts {tmp_path}/prompts.txt:2: not UTF-8 text (byte 0xe9; expected a .txt file with one prompt per "
+        f"line, or a .json list of strings in UTF-8)")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in "abc":
+        Image.new("RGB", (40, 40), "red").save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text(f"photo {name}\n")
+    (images / "b.txt").write_text(" \n")
+    assert error("--image-dir", images) == f"--image-dir: {images}/b.txt is empty (expected the image's caption)"
+    (images / "b.txt").write_bytes(b"a caf\xe9")
+    assert error("--image-dir", images).startswith(f"--image-dir: {images}/b.txt:1: not UTF-8 text (byte 0xe9")
+    (images / "b.txt").write_text("photo b")
+    raw = (images / "c.png").read_bytes()  # the last image: found at the start, not at its step
+    (images / "c.png").write_bytes(raw[:len(raw) // 2])
+    assert error("--image-dir", images) == f"--image-dir: {images}/c.png: cannot read it as an image (OSError: " \
+                                           f"image file is truncated)"
+    (images / "c.png").write_bytes(raw)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the EXIF block is read at the start too
+    Image.new("RGB", (40, 40), "red").save(images / "d.webp", exif=exif.tobytes())
+    (images / "d.txt").write_text("photo d")
+    raw = (images / "d.webp").read_bytes()
+    tiff = b"MM\0*" if b"MM\0*" in raw else b"II*\0"  # the EXIF block's TIFF header, big- or little-endian
+    (images / "d.webp").write_bytes(raw.replace(tiff, b"MM\0\x85", 1))  # broken
+    assert error("--image-dir", images).startswith(f"--image-dir: {images}/d.webp: cannot read it as an image "
+                                                   f"(SyntaxError: not a TIFF file")
+    assert not out.exists()  # every check ran before the lock, the text cache, any model
+
+
+def test_numbers_that_overflow_in_float32_or_a_seed_are_refused_before_anything_loads(tmp_path, capsys):
+    def error(*argv):
+        return in_process_error(train.main, [*FAST, "--output-dir", tmp_path / "out", *argv], capsys)
+    assert error("--lr", "1e38").startswith("--lr 1e+38: expected")  # AdamW's first step is lr / (1 - beta1)
+    assert error("--guidance", "1e40").startswith("--guidance 1e+40: expected")
+    assert error("--rollout-guidance", "1e40").startswith("--rollout-guidance 1e+40: expected")
+    assert error("--shift", "1e-320").startswith("--shift 1e-320: expected")
+    assert error("--seed", str(2**64)).startswith(f"--seed {2**64}: expected")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_files_train_their_strings_in_train_py_and_sample_py(tmp_path):
+    from inputs import read_prompts
+    (tmp_path / "prompts.json").write_text(json.dumps(["a red car on a street", " a cat on a chair ", "  "], indent=2))
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red car on a street\r\na cat\r\n".encode())  # as Windows' Notepad
+    assert read_prompts(str(tmp_path / "bom.txt")) == ["a red car on a street", "a cat"]
+    # train.py: the caption of the first sample grid (rank 0 samples the first prompt) is the JSON's first string
+    train.main([*FAST, "--steps", "1", "--sample-every", "1", "--prompts", str(tmp_path / "prompts.json"),
+                "--output-dir", str(tmp_path / "train")])
+    assert (tmp_path / "train" / "samples" / "step-000000.txt").read_text() == "a red car on a street\n"
+    # sample.py: one image per string
+    sample.main(["--prompts", str(tmp_path / "prompts.json"), "--output-dir", str(tmp_path / "sample"), "--height",
+                 "32", "--width", "32", "--num-inference-steps", "1", "--max-sequence-length", "32"])
+    assert [json.loads(line)["prompt"] for line in open(tmp_path / "sample" / "prompts.jsonl")] == [
+        "a red car on a street", "a cat on a chair"]
+
+
+def png16(path, pixels, color_type):
+    """A 16-bit PNG written byte by byte (PIL writes 16-bit gray only): color type 0 gray, 2 RGB."""
+    h, w = pixels.shape[:2]
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    scanlines = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_pngs_are_scaled_by_their_real_range(tmp_path):
+    gray = np.random.default_rng(0).integers(0, 65536, (32, 32))
+    gray[0, 0], gray[0, 1] = 0, 65535
+    png16(tmp_path / "gray.png", gray, 0)
+    expected = np.round(gray * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(load_image(tmp_path / "gray.png", 32).numpy(), np.stack([expected] * 3, -1))
+    dark = gray // 256  # a dark 16-bit image stays dark, not stretched to 8 bits' range
+    png16(tmp_path / "dark.png", dark, 0)
+    assert load_image(tmp_path / "dark.png", 32).numpy().max() <= 1
+    rgb = np.random.default_rng(1).integers(0, 65536, (32, 32, 3))
+    png16(tmp_path / "rgb.png", rgb, 2)
+    got = load_image(tmp_path / "rgb.png", 32).numpy().astype(int)
+    assert np.abs(got - rgb * 255 / 65535).max() <= 1  # PIL keeps the high byte: within one level
+
+
+# ---------------------------------------------------------------- sample.py and evaluate.py
+
+def test_bad_input_to_sample_py_and_evaluate_py_is_one_line_before_anything_loads(tmp_path, capsys):
+    out = tmp_path / "out"
+
+    def error(*argv):
+        return in_process_error(sample.main, ["--prompt", "a cat", "--output-dir", out, *argv], capsys)
+    assert error("--height", "0").startswith("--height 0: expected a multiple of 16, at least 16")
+    assert error("--width", "-16").startswith("--width -16: expected a multiple of 16, at least 16")
+    assert error("--num-inference-steps", "0") == "--num-inference-steps 0: expected at least 1 Euler step"
+    assert error("--max-sequence-length", "0") == "--max-sequence-length 0: expected 1 to 512 T5 tokens"
+    assert error("--guidance-scale", "nan") == "--guidance-scale nan: expected a FLUX guidance from 0 to 100"
+    assert error("--seed", "-1").startswith("--seed -1: expected 0 to 2**63 - 1")
+    (tmp_path / "prompts.txt").write_bytes(b"a cat\n\xff\n")
+    assert in_process_error(sample.main, ["--prompts", tmp_path / "prompts.txt", "--output-dir", out], capsys) == (
+        f"--prompts {tmp_path}/prompts.txt:2: not UTF-8 text (byte 0xff; expected a .txt file with one prompt per "
+        f"line, or a .json list of strings in UTF-8)")
+    assert not out.exists()
+    (tmp_path / "prompts.jsonl").write_bytes(b'{"file": "00000.png", "prompt": "a cat"}\n{"file": "00001.png", '
+                                             b'"prompt": "a caf\xe9"}\n')
+    assert in_process_error(evaluate.main, [tmp_path], capsys) == (
+        f"{tmp_path}/prompts.jsonl:2: not UTF-8 text (byte 0xe9; expected what sample.py writes in UTF-8)")
+    assert in_process_error(evaluate.main, [tmp_path, "--batch-size", "0"], capsys) == (
+        "--batch-size 0: expected at least 1 image per reward forward")
+
+
+def test_non_utf8_prompts_from_the_command_line_are_one_line_without_traceback(tmp_path):
+    (tmp_path / "prompts.txt").write_bytes(b"a cat\n\xff\n")
+    runs = [launch(*FAST, "--prompts", tmp_path / "prompts.txt", "--output-dir", tmp_path / "train"),
+            launch("--prompts", tmp_path / "prompts.txt", "--output-dir", tmp_path / "sample", script="sample.py")]
+    for p in runs:  # both at once: most of their time is importing torch
+        code, output = finish(p)
+        assert code == 2 and "Traceback" not in output
+        assert output.strip() == f"error: --prompts {tmp_path}/prompts.txt:2: not UTF-8 text (byte 0xff; expected " \
+                                 f"a .txt file with one prompt per line, or a .json list of strings in UTF-8)"
