@@ -15,9 +15,13 @@ from tqdm import tqdm
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def fail(message):
-    """One line naming the problem, exit code 2, no traceback (printed once, by rank 0)."""
-    if int(os.environ.get("RANK", 0)) == 0:
+def fail(message, this_rank_only=False):
+    """One line naming the problem, exit code 2, no traceback: printed once, by rank 0, for what every rank finds;
+    by the rank itself, named, for what only it met (a disk error, say)."""
+    rank = int(os.environ.get("RANK", 0))
+    if this_rank_only and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
+    elif rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -19,6 +19,9 @@ def randn(*shape, seed=0, dtype=torch.float64):
 
 
 # ---------------------------------------------------------------- direct_align.py: closed forms (METHOD.md §1-§3)
+# Float64 elementwise math against its closed form: each op rounds correctly (IEEE) on any CPU, so the two sides
+# differ by ~1e-16 of the values (randn, size ~1), up to 2e-14 after recover_x0 divides by 1 - sigma >= 0.01
+# (measured). The atol 1e-12 and 1e-10 below are 50x and more above that; a wrong formula is off by O(sigma).
 
 def test_time_shift_and_schedule_hand_computed():
     assert time_shift(0.5, 3.0) == pytest.approx(0.75)  # 1.5 / 2
@@ -62,7 +65,7 @@ def test_direct_align_error_is_scaled_by_the_step_and_one_step_prediction_by_sig
         assert torch.allclose(x0_hat - x0, (b - a) / (1 - b) * delta, atol=1e-12, rtol=0)  # METHOD.md §2
         one_step = predict_x0(inject_noise(x0, noise, a), noise - x0 + delta, a)
         assert torch.allclose(one_step - x0, -a * delta, atol=1e-12, rtol=0)
-        ratio = (one_step - x0).norm() / (x0_hat - x0).norm()
+        ratio = (one_step - x0).norm() / (x0_hat - x0).norm()  # float64 norms: measured 1e-14 relative
         assert ratio.item() == pytest.approx(a * (1 - b) / abs(b - a), rel=1e-9)
         if (a, b) in window:
             assert ratio > 2  # inside the training window Direct-Align's error is always over 2x smaller
@@ -84,7 +87,7 @@ def test_dtype_is_kept_and_tensor_sigmas_work():
 
 
 def test_train_window_hand_computed():
-    w = train_window()
+    w = train_window()  # approx's 1e-6 relative on float64 (~1e-16 apart); neighbouring entries are 2e-4 apart
     assert len(w) == 1000 and w[0].item() == pytest.approx(27 / 28) and w[-1].item() == pytest.approx(0.75)
     assert train_window(end=30)[-1].item() == pytest.approx(3 * 0.4 / 1.8)  # PickScore config, g[30]
 
@@ -97,6 +100,8 @@ def test_default_gap_follows_the_release_float_arithmetic():
 def test_branch_sigmas_hand_computed():
     g5, g25 = 27 / 28, 0.75
     W = lambda i: g5 + (g25 - g5) * i / 999  # noqa: E731  linspace(g[5], g[25], 1000)[i], by hand
+    # approx's 1e-6 relative: linspace and the hand formula differ by ~1e-16 (float64), while the neighbouring
+    # index is 2e-4 relative away, so an off-by-one index fails
     b = branch_sigmas(train_window(), 500, gap=100)
     assert b["denoise"] == pytest.approx((W(400), W(500), 500))
     assert b["inversion"] == pytest.approx((W(600), W(500), 400))
@@ -122,7 +127,7 @@ def test_branch_sigmas_directions_landing_and_edges():
             assert d_to == i_to  # both land on W[L - t*]
 
 
-def test_reward_k_hand_computed():
+def test_reward_k_hand_computed():  # float64 linspace against the formula: approx's 1e-6 relative, as above
     assert reward_k(0, (0.1, 0.25)) == pytest.approx(0.1)
     assert reward_k(999, (0.1, 0.25)) == pytest.approx(0.25)
     assert reward_k(333, (0.3, 0.01)) == pytest.approx(0.3 - 0.29 * 333 / 999)
@@ -136,7 +141,10 @@ def test_preprocess_matches_torchvision():
     ref = T.Compose([T.Resize(24, T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(24),
                      T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
     for img in (images, images.transpose(-1, -2), images[..., :40]):
-        assert torch.allclose(preprocess(img, 24), ref(img), atol=1e-5)
+        # Two libraries over one bicubic kernel: fp32 rounding, ~1e-7 of the values' scale (0 on this CPU), so
+        # 1e-5 of the largest value; bilinear instead of bicubic, or a crop off by a pixel, is ~0.1 of it.
+        expected = ref(img)
+        assert torch.allclose(preprocess(img, 24), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def test_control_prompts_cycle_and_take_user_words():
@@ -168,7 +176,7 @@ def reference_similarities(model, tokenizer, images, prompts):
     tokens = tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
-    return out.logits_per_image / model.logit_scale.exp(), model.logit_scale.exp()
+        return out.logits_per_image / model.logit_scale.exp(), model.logit_scale.exp()
 
 
 def test_srp_and_score_match_clip_forward_for_each_kind(tiny_clip):
@@ -179,12 +187,16 @@ def test_srp_and_score_match_clip_forward_for_each_kind(tiny_clip):
     cos, scale = reference_similarities(model, tokenizer, images, pos + neg)
     k = 0.25
     expected = (1 + k) * cos[range(3), range(3)] - cos[range(3), [3, 4, 5]]
+    # Two code paths (CLIPModel's forward, logits by matmul) over unit embeddings: a cosine's fp32 rounding is
+    # relative to |f_img| |f_txt| = 1 times the kind's factor, not to the cosine, which may be near 0. Measured
+    # ~3e-8 of that; the tolerance is 1e-5 of it, while a wrong k, factor or prompt pairing is off by 1e-2 or more.
     for kind, factor in (("hps", 1.0), ("clip", scale / 20), ("pickscore", scale / 20)):
         r = SRPReward(model, tokenizer, kind).srp(images, pos, neg, k)
-        assert torch.allclose(r, expected * factor, atol=1e-5), kind
+        assert torch.allclose(r, expected * factor, rtol=0, atol=1e-5 * float(factor)), kind
     plain = cos[range(3), range(3)]
     for kind, factor in (("hps", 1.0), ("clip", 1.0), ("pickscore", scale)):
-        assert torch.allclose(SRPReward(model, tokenizer, kind).score(images, pos), plain * factor, atol=1e-5)
+        assert torch.allclose(SRPReward(model, tokenizer, kind).score(images, pos), plain * factor, rtol=0,
+                              atol=1e-5 * float(factor)), kind
 
 
 def test_srp_gradient_ascent_moves_image_toward_positive_prompt(tiny_clip):
@@ -197,7 +209,7 @@ def test_srp_gradient_ascent_moves_image_toward_positive_prompt(tiny_clip):
     assert all(p.grad is None for p in model.parameters())  # frozen reward, gradient only to the image
     moved = (images + 0.05 * images.grad / images.grad.norm()).detach()
     gap = lambda x: reward.score(x, pos) - reward.score(x, neg)  # noqa: E731
-    with torch.no_grad():
+    with torch.no_grad():  # the gains are ~1e-3, fp32 rounding of these unit-scale cosines ~1e-7
         assert (reward.srp(moved, pos, neg, 0.1) > r0).all()
         assert (gap(moved) > gap(images.detach())).all()
 
@@ -244,8 +256,10 @@ def test_convert_open_clip_matches_open_clip(tiny_clip, tmp_path):
     with torch.no_grad():
         for ref, got in ((oc.encode_image(images), model.get_image_features(pixel_values=images).pooler_output),
                          (oc.encode_text(ids), model.get_text_features(input_ids=ids).pooler_output)):
+            # open_clip's fused in_proj against split q/k/v, another attention kernel: fp32 rounding, measured
+            # ~3e-7 of the embeddings' norm; a transposed, swapped or missing weight is off by O(1) of it
             assert ((got - ref).norm() / ref.norm()).item() < 1e-4
-        assert model.logit_scale.item() == pytest.approx(math.log(30.0))
+        assert model.logit_scale.item() == pytest.approx(math.log(30.0))  # copied, fp32: 2e-8 relative
     # And through the whole reward: HPS's score is the cosine of open_clip's embeddings.
     reward = load_reward("hps", str(tmp_path / "HPS_v2.1_compressed.pt"), str(tmp_path))
     prompt = ["Real. a blue triangle"]
@@ -254,7 +268,8 @@ def test_convert_open_clip_matches_open_clip(tiny_clip, tmp_path):
         ref = (oc.encode_image(preprocess(img, 32), normalize=True)
                * oc.encode_text(tok(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids,
                                 normalize=True)).sum(-1)
-        assert torch.allclose(reward.score(img, prompt), ref, atol=1e-5)
+        # cosines of unit vectors: atol relative to |f_img| |f_txt| = 1 (as in test_srp_and_score_match...)
+        assert torch.allclose(reward.score(img, prompt), ref, rtol=0, atol=1e-5)
 
 
 def test_convert_open_clip_names_every_clip_model_key(tiny_clip):
@@ -415,4 +430,6 @@ def test_hps_text_embeddings_equal_open_clip_encode_text(clip_h_folder):
     _, tokens = open_clip_ids_to_eot(texts)
     with torch.no_grad():
         ref = oc.encode_text(tokens, normalize=True)
-        assert torch.allclose(reward.embed_texts(texts), ref, atol=1e-5)
+        # two implementations of one text tower, unit vectors: atol is relative to their norm 1 (fp32 rounding,
+        # ~1e-7 of it, 0 on this CPU); a wrong token, mask or pooled position moves an embedding by O(1)
+        assert torch.allclose(reward.embed_texts(texts), ref, rtol=0, atol=1e-5)

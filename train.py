@@ -3,13 +3,16 @@
 CPU, tiny random models (built offline on first use, a couple of minutes at most):
     python train.py
     torchrun --nproc_per_node=2 train.py
-One node, 8 GPUs, FLUX.1-dev + HPSv2.1 with the release's recipe (METHOD.md §3-§5):
+One node, 8 GPUs, FLUX.1-dev + HPSv2.1 with the release's recipe (METHOD.md §3-§5): 32 prompts a step, each GPU
+accumulating 4 of them:
     torchrun --nproc_per_node=8 train.py --model ./FLUX.1-dev --reward hps \
         --reward-path ./hps_ckpt/HPS_v2.1_compressed.pt --clip-h ./CLIP-ViT-H-14-laion2B-s32B-b79K \
         --prompts ./prompts.txt --output-dir out/srpo-hps
-Four nodes, 32 GPUs: the same flags, on every node
+Four nodes, 32 GPUs, one prompt each, the same recipe: the same flags, on every node
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_HOST:29500 train.py ...
-After a crash, the same command with --resume continues from the newest complete checkpoint.
+One GPU: LoRA adapters of rank 64 on a frozen bf16 base (about 37 GiB by the memory plan)
+    torchrun --nproc_per_node=1 train.py --model ./FLUX.1-dev --lora-rank 64 --strategy ddp ...
+After a crash, the same command with --resume continues from the newest checkpoint that verifies.
 """
 import argparse
 import hashlib
@@ -42,9 +45,9 @@ from inputs import check_ranges, fail, load_image, read_captioned_images, read_p
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
 
 # FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
-# would skip its backward hook; FLUX makes none, and test_core.py shows FSDP and DDP end at equal weights.
+# would skip its backward hook; FLUX makes none, and test_train.py shows FSDP and DDP end at equal weights.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-# The release's two configs (METHOD.md §3, §4); --reward clip uses the HPS one. Flags override each value.
+# The release's two configs (METHOD.md §3-§5); --reward clip uses the HPS one. Flags override each value.
 RECIPES = {
     "hps": dict(window_end=25, k_denoise=(0.1, 0.25), k_inversion=(0.3, 0.01), rollout_guidance=1.0),
     "pickscore": dict(window_end=30, k_denoise=(0.1, 0.5), k_inversion=(0.6, 0.01), rollout_guidance=2.0),
@@ -484,4 +487,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:  # the disk, not the code: full, read-only, a size limit (checkpoints handle their own)
+        fail(f"{e.filename or '--output-dir'}: {e.strerror or e}", this_rank_only=True)

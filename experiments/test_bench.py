@@ -56,6 +56,7 @@ def test_memory_plan_arithmetic_on_a_tiny_config():
     _, double, single = flux_params_by_hand(TINY)
     assert blocks == [double] * 2 + [single] * 3
     acts = dict(transformer=1000, transformer_checkpointed=100, vae_decode=10, reward=1)
+    # exact (==): integer byte counts divided by powers of 2, all far below 2^53, are exact in float64 in any order
     for world in (1, 8, 32):
         fsdp, ddp = (bench.rank_memory(n, world, s, blocks, 7, acts) for s in ("fsdp", "ddp"))
         assert fsdp["weights"] == fsdp["grads"] == 4 * n / world and fsdp["optimizer"] == 8 * n / world
@@ -102,7 +103,7 @@ def test_quick_run_writes_every_table_and_the_json(tmp_path):
                                                       ("direct_align_both_lora", bench.LORA_BENCH_RANK), ("refl", 1),
                                                       ("draft", 1), ("draft", 3)]
     assert all(s["time_s"] > 0 and s["peak_mem_mb"] > 0 and len(s["times_s"]) == 1 for s in steps)
-    assert steps[0]["time_ratio"] == 1
+    assert steps[0]["time_ratio"] == 1  # its time over itself: x / x is exactly 1
     assert len(result["stability"]) == 10 and all(r["grad_v_one_step"] > 0 for r in result["stability"])
     assert result["overhead"]["ratio"] > 0 and len(result["overhead"]["parts_s"]) == 5
     assert Image.open(tmp_path / "plot.png").size == (2 * 640, 300)  # section 2's two panels, through plots.py
@@ -116,7 +117,7 @@ def test_quick_run_writes_every_table_and_the_json(tmp_path):
     lora = [p for p in plan["plans"] if p["lora_params"]]
     assert {(p["world_size"], p["strategy"]) for p in full} == {(w, s) for w in (1, 8, 16, 32) for s in ("fsdp", "ddp")}
     assert {(p["world_size"], p["strategy"]) for p in lora} == {(w, s) for w in (1, 8) for s in ("fsdp", "ddp")}
-    for p in plan["plans"]:
+    for p in plan["plans"]:  # exact (==): integer byte counts over a power of 2 (1 to 32), below 2^53 in float64
         shard = p["world_size"] if p["strategy"] == "fsdp" else 1
         trained = p["lora_params"] or plan["params"]
         assert p["weights"] == (4 * trained + (2 if p["lora_params"] else 4) * (plan["params"] - trained)) / shard
