@@ -28,6 +28,24 @@ def fail(message, this_rank_only=False):
     sys.exit(2)
 
 
+def run_command(main):
+    """Run main() as the process's command and end the process with its exit code: 0, or fail's 2. An OSError
+    the disk causes (full, read-only, a size limit) is one line from the rank that met it. The process then ends
+    with os._exit, skipping the interpreter's teardown: there, a rank's gloo threads can be destroyed while still
+    joinable and abort the process ("terminate called without an active exception") after its work was done."""
+    try:
+        try:
+            main()
+            code = 0
+        except OSError as e:
+            fail(f"{e.filename or 'a file'}: {e.strerror or e}", this_rank_only=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)  # sys.exit(): 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def check_ranges(args, ranges):
     """Each (flag, test, what is expected) of ranges holds for args' value, every value of a list: else one line.
     A float must also be finite (nan fails every test, inf would pass some)."""

@@ -41,7 +41,7 @@ import checkpoint
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
 from flux import (add_lora, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint, latent_noise,
                   rollout, transformer_on_meta, velocity)
-from inputs import check_ranges, fail, load_image, read_captioned_images, read_prompts
+from inputs import check_ranges, fail, load_image, read_captioned_images, read_prompts, run_command
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
 
 # FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
@@ -487,7 +487,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except OSError as e:  # the disk, not the code: full, read-only, a size limit (checkpoints handle their own)
-        fail(f"{e.filename or '--output-dir'}: {e.strerror or e}", this_rank_only=True)
+    run_command(main)

@@ -6,7 +6,7 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 FONT = ImageFont.load_default(size=11)
-COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e")
+COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 
 
 def image_grid(rows, row_labels, col_labels, scale=2):
@@ -26,13 +26,16 @@ def image_grid(rows, row_labels, col_labels, scale=2):
     return sheet
 
 
-def line_plot(xs, series, xlabel, ylabel, ylim=(None, None), log_y=False, size=(640, 300)):
+def line_plot(xs, series, xlabel, ylabel, ylim=(None, None), log_y=False, size=(640, 300), intervals=None):
     """One or more series ({name: ys}) over xs: axes with 5 ticks each, the legend to the right. ylim's None ends
-    fit the data with 5% room; log_y: a log10 y axis (ylim then still in data units)."""
+    fit the data with 5% room; log_y: a log10 y axis (ylim then still in data units). intervals: {name: [(lo, hi)
+    at each x]}, drawn as error bars, each series' a little to the side of the others'."""
     w, h = size
     x0, y0, x1, y1 = 60, 28, w - 170, h - 45  # plot area
     axis = math.log10 if log_y else (lambda y: y)
-    ys = [axis(y) for values in series.values() for y in values]
+    intervals = intervals or {}
+    ys = [axis(y) for values in series.values() for y in values] + \
+        [axis(y) for bars in intervals.values() for bar in bars for y in bar if math.isfinite(y)]
     room = 0.05 * (max(ys) - min(ys)) or 1
     lo = min(ys) - room if ylim[0] is None else axis(ylim[0])
     hi = max(ys) + room if ylim[1] is None else axis(ylim[1])
@@ -50,6 +53,13 @@ def line_plot(xs, series, xlabel, ylabel, ylim=(None, None), log_y=False, size=(
     draw.text((x0, 6), ylabel, fill="black", font=FONT)
     for k, (name, values) in enumerate(series.items()):
         draw.line([(px(x), py(axis(y))) for x, y in zip(xs, values)], fill=COLORS[k], width=2)
+        for x, bar in zip(xs, intervals.get(name, [])):
+            if not all(map(math.isfinite, bar)):  # one seed: no interval
+                continue
+            bx = px(x) + 4 * (k - (len(series) - 1) / 2)
+            draw.line([(bx, py(axis(bar[0]))), (bx, py(axis(bar[1])))], fill=COLORS[k], width=1)
+            for y in bar:
+                draw.line([(bx - 2, py(axis(y))), (bx + 2, py(axis(y)))], fill=COLORS[k], width=1)
         draw.line([(x1 + 10, y0 + 12 + 16 * k), (x1 + 30, y0 + 12 + 16 * k)], fill=COLORS[k], width=2)
         draw.text((x1 + 36, y0 + 5 + 16 * k), name, fill="black", font=FONT)
     return sheet

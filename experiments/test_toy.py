@@ -20,11 +20,6 @@ from srpo_reward import load_reward
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return toy_world.build(str(tmp_path_factory.mktemp("toy")), seed=0, quick=True)
-
-
 def files(folder):
     """{relative path: bytes} of every file under folder."""
     out = {}
@@ -64,6 +59,8 @@ def test_not_built_is_none(tmp_path):
 def test_same_seed_builds_the_same_world(world, tmp_path):
     again = toy_world.build(str(tmp_path), seed=0, quick=True)
     first, second = files(os.path.dirname(world["flux"])), files(os.path.dirname(again["flux"]))
+    # the session's world may also hold test_hacking's biased reward, built into it on first use
+    first = {name: data for name, data in first.items() if not name.startswith("reward-smooth")}
     assert first.keys() == second.keys()
     assert any(name.endswith(".safetensors") for name in first)
     for name in first:

@@ -3,15 +3,16 @@
     python -m experiments.toy build     # once, about 5.5 minutes on 2 cores: ~/.cache/srpo-toy (or $SRPO_TOY_DIR)
     python -m experiments.toy paths     # print again the train.py, sample.py and evaluate.py commands that use it
     python -m experiments.toy demo      # about 2.5 minutes more: out/toy/report.md with its figures
+    python -m experiments.toy hacking   # about 12 minutes more: reward hacking of a biased reward, out/hacking/
 
-The world and its build are toy_world.py; the demo and its report, toy_demo.py. `build` ends by printing the
-root commands that use the world: the root's scripts take it only by flag.
+The world and its build are toy_world.py; the demo and its report, toy_demo.py; the reward-hacking comparison,
+hacking.py. `build` ends by printing the root commands that use the world: the root's scripts take it only by flag.
 """
 import argparse
 
 import torch
 
-from experiments import toy_demo, toy_world
+from experiments import hacking, toy_demo, toy_world
 from inputs import fail
 
 
@@ -20,7 +21,9 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     for name, what in (("build", "train the toy world (once; a built world is kept)"),
                        ("paths", "print the train.py, sample.py and evaluate.py commands that use a built world"),
-                       ("demo", "measure the paper's three claims on a built world, write OUT/report.md")):
+                       ("demo", "measure the paper's three claims on a built world, write OUT/report.md"),
+                       ("hacking", "a biased reward (built once into the world) and what SRPO, SRPO without its "
+                                   "inversion branch, ReFL and DRaFT-K do with it; writes OUT/report.md")):
         s = sub.add_parser(name, help=what)
         s.add_argument("--seed", type=int, default=0, help="which world")
         s.add_argument("--quick", action="store_true", help="the quick world: seconds, barely trained (for tests)")
@@ -28,6 +31,13 @@ def main(argv=None):
         if name == "demo":
             s.add_argument("--out", default="out/toy")
             s.add_argument("--steps", type=int, default=toy_world.SRPO_STEPS, help="SRPO optimizer steps per run")
+        if name == "hacking":
+            s.add_argument("--out", default="out/hacking")
+            s.add_argument("--seeds", type=int, nargs="+", help=f"training seeds of every method; default "
+                           f"{' '.join(map(str, hacking.FULL['seeds']))} (--quick: "
+                           f"{' '.join(map(str, hacking.QUICK['seeds']))})")
+            s.add_argument("--steps", type=int, help=f"optimizer steps per run; default {hacking.FULL['steps']} "
+                                                     f"(--quick: {hacking.QUICK['steps']})")
     args = p.parse_args(argv)
     # 2 threads: the times quoted are for 2 cores, and a float sum's order can depend on the thread count
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -42,6 +52,10 @@ def main(argv=None):
                  f"run python -m experiments.toy build{flags} first")
     if args.command == "demo":
         toy_demo.demo(paths, args.out, args.steps)
+    elif args.command == "hacking":
+        size = hacking.QUICK if args.quick else hacking.FULL
+        hacking.comparison(paths, args.out, args.seed, args.quick, args.seeds or size["seeds"],
+                           args.steps or size["steps"], size["images_per_prompt"])
     else:
         toy_world.print_commands(paths)
 

@@ -100,15 +100,16 @@ def claim1(world, n, seed):
     return rows, clean, pictures, attribute_accuracy(*world["judge"], clean, truths)["mean"]
 
 
-def srpo_run(paths, out, name, pos, neg, branches, steps, lr):
+def srpo_run(paths, out, name, pos, neg, branches, steps, lr, extra_argv=()):
     """One SRPO run through train.py's own loop, the release's recipe (METHOD.md §3-§5) but for the learning rate and
-    the toy's sizes (toy_world.train_argv); a checkpoint every quarter. Returns ({step: weights}, the metrics rows)."""
+    the toy's sizes (toy_world.train_argv), then extra_argv (e.g. --seed); a checkpoint every quarter. Returns
+    ({step: weights}, the metrics rows)."""
     run = os.path.join(out, "runs", name.replace(" ", "-"))
     shutil.rmtree(run, ignore_errors=True)
     every = max(1, steps // 4)
-    say(f"SRPO run '{name}': --pos-words {pos} --neg-words {neg} --branches {branches}")
+    say(f"SRPO run '{name}': --pos-words {pos} --neg-words {neg} --branches {branches}", *extra_argv)
     train.main(train_argv(paths, run, pos, neg, branches, steps, lr)
-               + ["--checkpoint-every", str(every), "--sample-every", "0"])
+               + ["--checkpoint-every", str(every), "--sample-every", "0", *extra_argv])
     weights = {}
     for s in sorted({*range(every, steps + 1, every), steps}):
         weights[s] = load_file(os.path.join(run, f"checkpoint-{s}", "diffusion_pytorch_model.safetensors"))

@@ -257,21 +257,24 @@ def train_clip(seed, steps, generator):
     are twins of the other half with another shape, as hard negatives: shape is the attribute color-heavy
     batches teach least. Identical captions in a batch are all positives (the soft target spreads over them)."""
     model, tokenizer = new_clip(seed)
-    forms = (None, "adjective", "control")
+    return fit(model, lambda step: contrastive_loss(model, tokenizer, generator), steps, CLIP_LR,
+               f"clip seed {seed}"), tokenizer
 
-    def loss_fn(step):
-        scenes = make_scenes(CLIP_BATCH // 2, generator)
-        twins = dict(scenes, shape=(scenes["shape"] + torch.randint(1, len(SHAPES), (CLIP_BATCH // 2,),
-                                                                     generator=generator)) % len(SHAPES))
-        scenes = {k: torch.cat([scenes[k], twins[k]]) for k in scenes}
-        form = [forms[i] for i in torch.randint(3, (CLIP_BATCH // 2,), generator=generator)]
-        captions = scene_captions(scenes, form * 2)
-        logits = model.logit_scale.exp() * embed(model, tokenizer, images=render(scenes)) @ \
-            embed(model, tokenizer, texts=captions).T
-        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
-        target = same / same.sum(1, keepdim=True)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    return fit(model, loss_fn, steps, CLIP_LR, f"clip seed {seed}"), tokenizer
+
+def contrastive_loss(model, tokenizer, generator):
+    """train_clip's loss on one fresh batch of CLIP_BATCH captioned scenes (half of them shape twins)."""
+    forms = (None, "adjective", "control")
+    scenes = make_scenes(CLIP_BATCH // 2, generator)
+    twins = dict(scenes, shape=(scenes["shape"] + torch.randint(1, len(SHAPES), (CLIP_BATCH // 2,),
+                                                                 generator=generator)) % len(SHAPES))
+    scenes = {k: torch.cat([scenes[k], twins[k]]) for k in scenes}
+    form = [forms[i] for i in torch.randint(3, (CLIP_BATCH // 2,), generator=generator)]
+    captions = scene_captions(scenes, form * 2)
+    logits = model.logit_scale.exp() * embed(model, tokenizer, images=render(scenes)) @ \
+        embed(model, tokenizer, texts=captions).T
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    target = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 # ----------------------------------------------------------------------------------------- measuring
@@ -296,21 +299,24 @@ def sample(transformer, vae, embeds, seeds, guidance=3.5, steps=25):
 def attribute_accuracy(model, tokenizer, images, truths):
     """Zero-shot accuracy of a CLIP on (shape, color, background): for each attribute, is the true caption
     the best of the captions that change only that attribute? truths: (shape, color, background) names.
-    Also the mean cosine of each image with its true caption (the judge's caption score)."""
+    Also the mean cosine of each image with its true caption (the judge's caption score), and the caption margin:
+    that cosine minus the best of the captions that change one attribute, averaged over the three attributes."""
     grid = all_captions()
     sims = (embed(model, tokenizer, images=images) @ embed(model, tokenizer, texts=grid).T)
     sims = sims.view(len(images), len(SHAPES), len(COLORS), len(BACKGROUNDS))
     hits = {"shape": [], "color": [], "background": []}
-    score = []
+    score, margin = [], []
     for sim, (s, c, b) in zip(sims, truths):
         s, c, b = SHAPES.index(s), list(COLORS).index(c), list(BACKGROUNDS).index(b)
-        hits["shape"].append(sim[:, c, b].argmax() == s)
-        hits["color"].append(sim[s, :, b].argmax() == c)
-        hits["background"].append(sim[s, c, :].argmax() == b)
+        for key, row, true in (("shape", sim[:, c, b], s), ("color", sim[s, :, b], c),
+                               ("background", sim[s, c, :], b)):
+            hits[key].append(row.argmax() == true)
+            margin.append(row[true] - torch.cat([row[:true], row[true + 1:]]).max())
         score.append(sim[s, c, b])
     out = {k: torch.stack(v).float().mean().item() for k, v in hits.items()}
     out["mean"] = sum(out.values()) / 3
     out["score"] = torch.stack(score).mean().item()
+    out["margin"] = torch.stack(margin).mean().item()
     return out
 
 
