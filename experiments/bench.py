@@ -309,22 +309,22 @@ def step_costs(args, dirs):
 
 # ----------------------------------------------------------------------------------------- 2. gradient stability
 
-def stability(args, m):
-    """Section 2: at each sigma, on the same noises and rollouts, one velocity v = v_theta(x_sigma), then the reward
-    gradient through the one-step prediction x0_hat = x_sigma - sigma v and through Direct-Align to
-    sigma - delta (delta: the release's branch gap). By the chain rule d x0_hat / d v is -sigma for the first and
-    -delta / (1 - sigma + delta) for the second (METHOD.md §2): their ratio is the predicted column."""
+def stability(args, m, samples=STABILITY_SAMPLES):
+    """Section 2, a row per sigma as each is done: at each sigma, on the same noises and rollouts (samples of them),
+    one velocity v = v_theta(x_sigma), then the reward gradient through the one-step prediction
+    x0_hat = x_sigma - sigma v and through Direct-Align to sigma - delta (delta: the release's branch gap). By the
+    chain rule d x0_hat / d v is -sigma for the first and -delta / (1 - sigma + delta) for the second
+    (METHOD.md §2): their ratio is the predicted column."""
     delta = branch_gap()
     params = [p for p in m.transformer.parameters() if p.requires_grad]
-    samples = []
-    for i in range(STABILITY_SAMPLES):
+    pairs = []
+    for i in range(samples):
         noise = latent_noise(m.res, train.rng(0, "stability", i), m.device)
-        samples.append((noise, rollout(m.transformer, noise, m.cond, m.targs.rollout_steps, m.targs.shift,
-                                             m.targs.rollout_guidance)))
-    rows = []
+        pairs.append((noise, rollout(m.transformer, noise, m.cond, m.targs.rollout_steps, m.targs.shift,
+                                     m.targs.rollout_guidance)))
     for sigma in args.sigmas:
         sums = {}
-        for noise, x0 in samples:
+        for noise, x0 in pairs:
             x = inject_noise(x0, noise, sigma)
             v = velocity(m.transformer, x, sigma, m.cond, m.targs.guidance)
             for name, x0_hat in (("one_step", predict_x0(x, v, sigma)),
@@ -334,12 +334,10 @@ def stability(args, m):
                 for key, value in ((f"grad_v_{name}", grad_v.norm()),
                                    (f"grad_w_{name}", torch.stack([g.norm() for g in grad_w if g is not None]).norm()),
                                    (f"x0_error_{name}", (x0_hat - x0).norm() / x0.norm())):
-                    sums[key] = sums.get(key, 0.0) + value.item() / len(samples)
+                    sums[key] = sums.get(key, 0.0) + value.item() / samples
         sigma_to = sigma - delta
-        rows.append(dict(sigma=sigma, sigma_to=sigma_to, **sums,
-                         ratio=sums["grad_v_one_step"] / sums["grad_v_direct_align"],
-                         predicted_ratio=sigma * (1 - sigma_to) / delta))
-    return rows
+        yield dict(sigma=sigma, sigma_to=sigma_to, **sums, ratio=sums["grad_v_one_step"] / sums["grad_v_direct_align"],
+                   predicted_ratio=sigma * (1 - sigma_to) / delta)
 
 
 def plot(rows, path):
@@ -634,7 +632,7 @@ def main(argv=None):
         m = load(args, dirs)
         print(f"## 2. Reward gradient vs sigma, one-step prediction against Direct-Align to sigma - {branch_gap():.4f}"
               f" (mean of {STABILITY_SAMPLES} samples)\n")
-        stable = stability(args, m)
+        stable = list(stability(args, m))
         table(["sigma", "x0 error, one-step", "x0 error, DA", "|dr/dv| one-step", "|dr/dv| DA", "ratio",
                "predicted", "|dr/dw| one-step", "|dr/dw| DA"],
               [[f"{r['sigma']:.2f}", f"{r['x0_error_one_step']:.3g}", f"{r['x0_error_direct_align']:.3g}",

@@ -6,6 +6,8 @@ A bare one-GPU machine with torch, transformers and accelerate; diffusers and ft
 as wheels in .whl/. About 6-7 minutes on an H100, never more than 9; results are written after every section:
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
         export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 -m experiments.gpu --out $OUT
+Some sections only (the models are always written first), e.g. those results/gpu-h200.md lacks, about 3 minutes:
+    ... python3 -m experiments.gpu --out $OUT --sections train-lora rollout stability
 CPU, tiny sizes, every section end to end (about 2 minutes on 2 cores; memory is read on a GPU only):
     python -m experiments.gpu --tiny --out out/gpu-tiny
 
@@ -15,12 +17,13 @@ activations, the VAE and the reward fit an 80 GB card with room to spare; FLUX.1
 CLIPModel as the reward; random weights in FLUX.1-dev's folder layout (text encoders of the right widths, one
 layer deep: training caches their output). Each section runs in a process of its own, so each has its own peak
 memory and can be stopped when it overruns; one that would end past the time budget is skipped with a note.
-Written to --out: gpu.json (every number), gpu.md (a table per section), log.txt (every process's output),
-train.py's metrics of each strategy, bench_stability.png.
+Written to --out: gpu.json (every number; a failed section's last 30 lines of output), gpu.md (a table per
+section), log.txt (every process's output), train.py's metrics of each run, bench_stability.png.
 """
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -39,7 +42,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, T5EncoderModel
 import sample
 import train
 from experiments import bench
-from flux import conditioning, decode, encode_prompts, latent_noise, rollout, velocity
+from direct_align import euler_step, sigma_schedule
+from flux import add_lora, conditioning, decode, encode_prompts, latent_noise, rollout, velocity
 from srpo_reward import control_prompts, load_reward
 from tiny import clip_tokenizer, tiny_model_paths
 
@@ -51,21 +55,25 @@ GPU = dict(
     reward=bench.VIT_H_14,           # HPSv2.1's and PickScore's architecture
     resolution=720, text_len=512,    # the release's training size and T5 length (METHOD.md §5)
     train_steps=3,                   # train.py's first step warms up: the median of the others is reported
+    lora_rank=64,                    # train-lora: --lora-rank (and alpha) 64 under DDP, the LoRA recipe for one GPU
     repeats=5,                       # timed repeats of each in-process measurement, after one warm-up
     sample_flags=[],                 # sample.py's defaults: 1024 x 1024, 50 steps, guidance 3.5, 512 tokens
     sample_images=3,
-    bench_flags=["--repeats", "3"],
+    bench_flags=["--repeats", "3", "--sigmas", "0.9", "0.7", "0.5", "0.3", "0.1"],
+    stability_samples=2,             # noises per sigma of the gradient-stability table (bench.py's default: 4)
     budget_s=480, deadline_s=540,    # start no section that would end after 8 minutes; stop everything at 9:00
 )
 TINY = dict(
     layers=1, single_layers=2, heads=2, head_dim=16, rope=bench.rope_axes(16), text_width=32, pooled_width=32,
-    vae_width=8, reward=None, resolution=64, text_len=32, train_steps=3, repeats=2,
+    vae_width=8, reward=None, resolution=64, text_len=32, train_steps=3, lora_rank=4, repeats=2,
     sample_flags=["--height", "64", "--width", "64", "--num-inference-steps", "8", "--max-sequence-length", "32"],
-    sample_images=1, bench_flags=["--repeats", "1"], budget_s=900, deadline_s=1200)
+    sample_images=1, bench_flags=["--repeats", "1", "--sigmas", "0.9", "0.5", "0.1"], stability_samples=1,
+    budget_s=900, deadline_s=1200)
 # Each section's name, its seconds on an H100 (estimated: a section is skipped when it would end past the budget)
 # and the seconds after which it is stopped.
-SECTIONS = (("models", 45, 150), ("train-fsdp", 50, 150), ("train-ddp", 50, 150), ("anatomy", 40, 150),
-            ("rollout", 30, 120), ("sample", 30, 120), ("bench", 130, 240))
+SECTIONS = (("models", 45, 150), ("train-fsdp", 50, 150), ("train-ddp", 50, 150), ("train-lora", 50, 150),
+            ("anatomy", 40, 150), ("rollout", 40, 120), ("sample", 30, 120), ("bench", 100, 200),
+            ("stability", 60, 150))
 CAPTION = bench.CAPTION
 TOLERANCE = 0.15                     # a plan term off by more than this is flagged, to be fixed
 RELEASE_BATCH, RELEASE_STEPS = 32, 20
@@ -77,6 +85,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for gpu.json, gpu.md, log.txt and the metrics")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the whole script on a CPU in minutes")
+    p.add_argument("--sections", nargs="+", choices=[name for name, *_ in SECTIONS[1:]],
+                   help="only these sections (the models are always written first); default: all")
     p.add_argument("--section", help=argparse.SUPPRESS)  # the process of one section, started by the script itself
     p.add_argument("--work", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -177,9 +187,12 @@ def write_models(cfg, work, out):
     with torch.device("meta"):
         target = FluxTransformer2DModel(**transformer_config(cfg, bench.FLUX_DEV["num_layers"],
                                                              bench.FLUX_DEV["num_single_layers"]))
+        adapted = add_lora(FluxTransformer2DModel(**transformer_config(cfg)), cfg.lora_rank, cfg.lora_rank,
+                           torch.bfloat16, 0)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU", torch=torch.__version__,
                 params=count(transformer), target_params=count(target),
+                lora_params=sum(p.numel() for p in adapted.parameters() if p.requires_grad),
                 block_params=[count(b) for b in [*transformer.transformer_blocks,
                                                  *transformer.single_transformer_blocks]],
                 double_params=count(transformer.transformer_blocks[0]),
@@ -189,23 +202,24 @@ def write_models(cfg, work, out):
 
 # ----------------------------------------------------------------------------------------- train.py itself
 
-def run_train(cfg, work, out, strategy, timeout, log):
-    """train.py on one rank for cfg.train_steps steps. It is stopped once the last step's metrics are written: its
-    final checkpoint (weights and AdamW states, 16 bytes per parameter) is no part of a step."""
+def run_train(cfg, work, out, name, timeout, log):
+    """train.py on one rank for cfg.train_steps steps: name is fsdp, ddp, or lora (rank-64 adapters under DDP, the
+    LoRA recipe for one GPU). It is stopped once the last step's metrics are written: its final checkpoint
+    (weights and AdamW states, 16 bytes per parameter) is no part of a step."""
     flux, reward, prompts = paths(work)
-    out_dir = os.path.join(work, f"train-{strategy}")
+    out_dir = os.path.join(work, f"train-{name}")
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--model", flux, "--reward", "hps", "--reward-path",
                reward, "--prompts", prompts, "--resolution", str(cfg.resolution), "--steps", str(cfg.train_steps),
-               "--strategy", strategy, "--sample-every", "0", "--checkpoint-every", "0", "--max-sequence-length",
-               str(cfg.text_len), "--output-dir", out_dir]
-    if hasattr(train.parse_args([]), "batch_size"):
-        command += ["--batch-size", "1"]
+               "--strategy", "ddp" if name == "lora" else name, "--sample-every", "0", "--checkpoint-every", "0",
+               "--max-sequence-length", str(cfg.text_len), "--batch-size", "1", "--output-dir", out_dir]
+    if name == "lora":
+        command += ["--lora-rank", str(cfg.lora_rank), "--lora-alpha", str(cfg.lora_rank)]
     metrics = os.path.join(out_dir, "metrics.jsonl")
     lines = lambda: sum(1 for _ in open(metrics)) if os.path.isfile(metrics) else 0  # noqa: E731
     status = finish(start(command, log, cfg), timeout, done=lambda: lines() >= cfg.train_steps)
     rows = [json.loads(line) for line in open(metrics)] if os.path.isfile(metrics) else []
     if rows:
-        shutil.copy(metrics, os.path.join(out, f"train-{strategy}-metrics.jsonl"))
+        shutil.copy(metrics, os.path.join(out, f"train-{name}-metrics.jsonl"))
     shutil.rmtree(out_dir, ignore_errors=True)
     later = rows[1:] or rows  # the first step warms up (kernels, allocator)
     median = lambda key: statistics.median(r[key] for r in later) if later and later[0].get(key) is not None \
@@ -370,9 +384,24 @@ def anatomy(cfg, work, out):
 
 # ----------------------------------------------------------------------------------------- sampling
 
+@torch.no_grad()
+def rollout_without_autocast(transformer, noise, cond, steps, shift, guidance):
+    """flux.rollout's Euler loop with the transformer run in its weights' dtype and no autocast, as FluxPipeline
+    runs it (the release, and so flux.velocity, runs it under bf16 autocast: norms in fp32, a cast before each
+    matmul)."""
+    sigmas, x, dtype = sigma_schedule(steps, shift), noise, transformer.dtype
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        t = torch.full((1,), math.floor(float(sigma) * 1000) / 1000, device=x.device, dtype=dtype)
+        v = transformer(hidden_states=x.to(dtype), timestep=t, guidance=torch.full_like(t, guidance),
+                        return_dict=False, **cond)[0]
+        x = euler_step(x, v.float(), sigma, sigma_next)
+    return x
+
+
 def rollout_vs_pipeline(cfg, work, out):
     """flux.rollout against FluxPipeline's own denoising loop on the same transformer: train.py's rollout settings
-    (25 steps, guidance 1), the cached embeddings given to both, latents out; interleaved runs after a warm-up."""
+    (25 steps, guidance 1), the cached embeddings given to both, latents out; interleaved runs after a warm-up.
+    On a GPU also each loop in the other's precision, which tells how much of a difference autocast makes."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32  # as sample.py loads the pipeline
@@ -392,7 +421,13 @@ def rollout_vs_pipeline(cfg, work, out):
                 height=cfg.resolution, width=cfg.resolution, num_inference_steps=n,
                 guidance_scale=targs.rollout_guidance, max_sequence_length=cfg.text_len, output_type="latent",
                 generator=torch.Generator().manual_seed(0))}
-    if cuda:  # what train.py's DDP rollout runs: fp32 master weights under bf16 autocast
+    runs[f"flux.rollout's loop, {name} weights, no autocast (FluxPipeline's precision)"] = \
+        lambda: rollout_without_autocast(transformer, noise, cond, n, targs.shift, targs.rollout_guidance)
+    if cuda:
+        pipeline = runs[f"FluxPipeline, {name} weights"]
+        runs[f"FluxPipeline, {name} weights, under bf16 autocast (train.py's precision)"] = \
+            lambda: torch.autocast("cuda", torch.bfloat16)(pipeline)()
+        # what train.py's DDP rollout runs: fp32 master weights under bf16 autocast
         master = FluxTransformer2DModel.from_pretrained(flux, subfolder="transformer", dtype=torch.float32).to(device)
         runs["flux.rollout, fp32 weights under bf16 autocast (train.py, DDP)"] = \
             lambda: rollout(master, noise, cond, n, targs.shift, targs.rollout_guidance)
@@ -433,21 +468,34 @@ def sample_speed(cfg, work, out):
 
 # ----------------------------------------------------------------------------------------- the benchmark, the plan
 
-def bench_sections(cfg, work, out):
-    """experiments/bench.py's sections 1 (step cost: Direct-Align one and both branches, ReFL, DRaFT-K) and 2
-    (gradient stability against sigma) on this script's models and size, each saved as soon as it is done."""
+def bench_args(cfg, work, out):
     flux, reward, _ = paths(work)
     args = bench.parse_args(["--resolution", str(cfg.resolution), "--text-len", str(cfg.text_len), *cfg.bench_flags,
                              "--plot", os.path.join(out, "bench_stability.png")])
     bench.check_args(args)
     dirs = types.SimpleNamespace(root=os.path.join(work, "bench"), flux=flux, clip=reward)
     os.makedirs(dirs.root, exist_ok=True)
-    result = dict(repeats=args.repeats, draft_k=args.draft_k, rollout_steps=args.rollout_steps)
-    result["steps"] = bench.step_costs(args, dirs)
-    dump(work, "bench", result)
-    result["stability"] = bench.stability(args, bench.load(args, dirs))
-    dump(work, "bench", result)
-    bench.plot(result["stability"], args.plot)
+    return args, dirs
+
+
+def bench_steps(cfg, work, out):
+    """experiments/bench.py's section 1 on this script's models and size: the step cost of Direct-Align (one and
+    both branches, and with LoRA), ReFL and DRaFT-K."""
+    args, dirs = bench_args(cfg, work, out)
+    return dict(repeats=args.repeats, draft_k=args.draft_k, rollout_steps=args.rollout_steps,
+                steps=bench.step_costs(args, dirs))
+
+
+def stability(cfg, work, out):
+    """experiments/bench.py's section 2, gradient stability against sigma, on this script's models and size; each
+    sigma's row is saved as soon as it is done, so a section stopped at its time limit keeps what it measured."""
+    args, dirs = bench_args(cfg, work, out)
+    result = dict(samples=cfg.stability_samples, rows=[])
+    for row in bench.stability(args, bench.load(args, dirs), samples=cfg.stability_samples):
+        result["rows"].append(row)
+        print(f"stability: sigma {row['sigma']:.2f} done", flush=True)
+        dump(work, "stability", result)
+    bench.plot(result["rows"], args.plot)
     return result
 
 
@@ -459,7 +507,7 @@ def plan_terms(cfg, work, out):
 
 
 SECTION_FUNCTIONS = {"models": write_models, "anatomy": anatomy, "rollout": rollout_vs_pipeline,
-                     "sample": sample_speed, "bench": bench_sections, "plan": plan_terms}
+                     "sample": sample_speed, "bench": bench_steps, "stability": stability, "plan": plan_terms}
 
 
 # ----------------------------------------------------------------------------------------- plan against measurement
@@ -482,6 +530,9 @@ def reduced_plan(cfg, r):
         vae_decode=acts["vae_decode"], reward=acts["reward"])
     frozen = frozen_bytes(cfg, m)
     plans = {s: bench.rank_memory(m["params"], 1, s, m["block_params"], frozen, activations) for s in ("fsdp", "ddp")}
+    if m.get("lora_params"):
+        plans["lora"] = bench.rank_memory(m["params"], 1, "ddp", m["block_params"], frozen, activations,
+                                          m["lora_params"])
     return dict(activations=activations, frozen=frozen, tokens=tokens, width=width, **plans)
 
 
@@ -490,9 +541,10 @@ def memory_rows(cfg, r):
     if "params" not in (r.get("models") or {}) or "per_block" not in (r.get("plan") or {}):
         return []
     plan, rows = reduced_plan(cfg, r), []
-    for s in ("fsdp", "ddp"):
-        if (r.get(f"train-{s}") or {}).get("max_memory_gib"):
-            rows.append((f"train.py --strategy {s}, max_memory_allocated", r[f"train-{s}"]["max_memory_gib"] * 2**30,
+    for s, flags in (("fsdp", "--strategy fsdp"), ("ddp", "--strategy ddp"),
+                     ("lora", f"--strategy ddp --lora-rank {cfg.lora_rank}")):
+        if (r.get(f"train-{s}") or {}).get("max_memory_gib") and s in plan:
+            rows.append((f"train.py {flags}, max_memory_allocated", r[f"train-{s}"]["max_memory_gib"] * 2**30,
                          plan[s]["total_checkpointed"]))
     a = r.get("anatomy") or {}
     if a.get("weights") is None or "steps" not in a:
@@ -600,7 +652,8 @@ def report(cfg, r):
     notes = dict(r["notes"], **({"memory": "read on a GPU only"} if m.get("device") == "CPU" else {}))
     lines += [f"- {name}: {note}" for name, note in notes.items()] + ([""] if notes else [])
 
-    trains = [(s, r[f"train-{s}"]) for s in ("fsdp", "ddp") if r.get(f"train-{s}")]
+    names = dict(fsdp="fsdp", ddp="ddp", lora=f"ddp, LoRA rank {cfg.lora_rank}")
+    trains = [(names[s], r[f"train-{s}"]) for s in names if r.get(f"train-{s}")]
     if trains:
         lines += [f"## 1. train.py, one rank, {cfg.train_steps} steps of one prompt (median after the first)", ""]
         lines += md_table(["strategy", "status", "step s", "rollout s", "branches s", "rest s", "max allocated GiB"],
@@ -633,18 +686,20 @@ def report(cfg, r):
             ["... against VAE decode + reward, once per branch", num(1e3 * a["branches"] * (
                 f["vae_decode_s"] + f["reward_s"]), ".1f")],
             ["clip + AdamW", num(1e3 * s["optimizer_s"], ".1f")]])
-    bench_r = r.get("bench") or {}
+    bench_r, stable = r.get("bench") or {}, (r.get("stability") or {}).get("rows")
     if bench_r.get("steps"):
         lines += [f"## 4. bench.py: one training step per method (median of {bench_r['repeats']})", ""]
         lines += md_table(["method", "steps with grad", "time s", "x Direct-Align", "step MiB", "x Direct-Align"],
-                          [[row["method"], row["k"], num(row["time_s"]), num(row["time_ratio"], ".2f"),
-                            num(row["step_mem_mb"], ".0f"), num(row["mem_ratio"], ".2f")] for row in bench_r["steps"]])
-    if bench_r.get("stability"):
-        lines += ["Gradient stability: |d reward / d v| through the one-step prediction and through Direct-Align", ""]
+                          [[row["method"], 2 if row["method"].endswith("_lora") else row["k"], num(row["time_s"]),
+                            num(row["time_ratio"], ".2f"), num(row["step_mem_mb"], ".0f"), num(row["mem_ratio"], ".2f")]
+                           for row in bench_r["steps"]])
+    if stable:
+        lines += [f"## 4. bench.py: gradient stability, |d reward / d v| through the one-step prediction and through "
+                  f"Direct-Align (mean of {r['stability']['samples']} samples)", ""]
         lines += md_table(["sigma", "one-step", "Direct-Align", "ratio", "predicted", "|dr/dw| one-step", "|dr/dw| DA"],
                           [[f"{x['sigma']:.2f}", f"{x['grad_v_one_step']:.3g}", f"{x['grad_v_direct_align']:.3g}",
                             f"{x['ratio']:.2f}", f"{x['predicted_ratio']:.2f}", f"{x['grad_w_one_step']:.3g}",
-                            f"{x['grad_w_direct_align']:.3g}"] for x in bench_r["stability"]])
+                            f"{x['grad_w_direct_align']:.3g}"] for x in stable])
     ro = r.get("rollout") or {}
     if "seconds" in ro:
         pipeline = list(ro["seconds"].values())[1]
@@ -654,6 +709,11 @@ def report(cfg, r):
                           [[k, num(v), num(v / pipeline, ".3f")] for k, v in ro["seconds"].items()])
         lines += [f"flux.rollout / FluxPipeline on the same weights: {ro['ours_over_pipeline']:.3f} "
                   f"({'not slower' if ro['ours_over_pipeline'] <= 1.02 else 'SLOWER'}, 2% for noise).", ""]
+        t = list(ro["seconds"].values())
+        if len(t) >= 4:  # the same loops with the precisions swapped
+            lines += [f"In the same precision: without autocast ours / FluxPipeline {t[2] / t[1]:.3f}; under bf16 "
+                      f"autocast (the release's precision, which train.py keeps) {t[0] / t[3]:.3f}. Autocast "
+                      f"costs ours {t[0] / t[2]:.3f}x and FluxPipeline {t[3] / t[1]:.3f}x.", ""]
     ex = extrapolate(cfg, r)
     sa = r.get("sample") or {}
     if "image_s" in sa:
@@ -752,7 +812,9 @@ def run_section(name, cfg, work, out, timeout, log):
     if result["status"] != "ok":  # the last line this section's processes wrote, most often the error
         with open(log, errors="replace") as f:
             f.seek(written)
-            result["status"] += ": " + ([line.strip() for line in f if line.strip()] or [""])[-1][-200:]
+            lines = [line.rstrip() for line in f if line.strip()]
+        result["status"] += ": " + (lines or [""])[-1].strip()[-200:]
+        result["log_tail"] = lines[-30:]  # a GPU-only failure is worth its traceback: the next try may be weeks away
     return result
 
 
@@ -770,6 +832,8 @@ def main(argv=None):
     try:
         for name, estimate, cap in SECTIONS:
             elapsed = time.time() - started
+            if args.sections and name != "models" and name not in args.sections:
+                continue
             if elapsed + estimate > cfg.budget_s:
                 r["notes"][name] = f"skipped: {elapsed:.0f} s gone, about {estimate} s more would pass the " \
                                    f"{cfg.budget_s} s budget"

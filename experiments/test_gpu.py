@@ -5,8 +5,12 @@ import copy
 import types
 
 import pytest
+import torch
+from diffusers import FluxTransformer2DModel
 
+import flux
 from experiments import bench, gpu
+from tiny import tiny_model_paths
 
 CFG = types.SimpleNamespace(**gpu.GPU, tiny=False)
 DOUBLE, SINGLE = 339_831_296, 141_591_808  # FLUX.1-dev's blocks: 36 D^2 + 30 D + 4 d and 15 D^2 + 11 D + 2 d
@@ -19,7 +23,8 @@ def results():
     r = dict(date="today", seconds={"models": 1.0}, notes={},
              models=dict(device="GPU", torch="2", params=params, target_params=11_901_408_320, double_params=DOUBLE,
                          single_params=SINGLE, block_params=[DOUBLE] * CFG.layers + [SINGLE] * CFG.single_layers,
-                         vae_params=83_819_683, reward_params=986_109_184),
+                         vae_params=83_819_683, reward_params=986_109_184,
+                         lora_params=18_874_368),  # rank-64 adapters on 2 + 4 blocks (add_lora on the meta device)
              plan=dict(per_block=dict(double=376e6, single=328e6, other=45e6), transformer=19.6e9,
                        transformer_checkpointed=1.3e9, vae_decode=5.9e9, reward=0.3e9))
     plan = gpu.reduced_plan(CFG, r)
@@ -36,7 +41,7 @@ def results():
                         fixed=dict(vae_decode_s=0.05, reward_s=0.02, vae_decode_peak=acts["vae_decode"],
                                    reward_peak=acts["reward"]),
                         steps=[step, step], rollout_steps=25, branches=2, checkpointing=True)
-    for s in ("fsdp", "ddp"):
+    for s in ("fsdp", "ddp", "lora"):
         r[f"train-{s}"] = dict(status="ok", steps=3, step_time_s=3.3, rollout_s=2.0, branches_s=1.1, rest_s=0.2,
                                max_memory_gib=plan[s]["total_checkpointed"] / 2**30)
     return r
@@ -77,6 +82,31 @@ def test_report_flags_exactly_the_terms_off_by_more_than_15_percent():
     r["anatomy"]["frozen"] *= 1.1    # within the tolerance
     text = gpu.report(CFG, r)
     assert text.count("**off by") == 1 and "fp32 weights, after load | " in text and "**off by +20%**" in text
+
+
+def test_the_lora_run_is_held_against_the_lora_plan():
+    r = results()
+    plan = gpu.reduced_plan(CFG, r)
+    # a bf16 base with fp32 adapters under DDP: far below the full model's plan, and the run is compared with it
+    assert plan["lora"]["total_checkpointed"] < 0.5 * plan["ddp"]["total_checkpointed"]
+    r["train-lora"]["max_memory_gib"] *= 1.3
+    text = gpu.report(CFG, r)
+    assert "| ddp, LoRA rank 64 | ok |" in text
+    assert text.count("**off by") == 1 and "--lora-rank 64, max_memory_allocated | " in text and "+30%" in text
+
+
+def test_rollout_without_autocast_is_flux_rollout_on_a_cpu():
+    """On a CPU flux.velocity runs no autocast either, and the weights are fp32: the two loops are then the same
+    computation, so they must agree bit for bit (gpu.py times the first against flux.rollout on a GPU)."""
+    flux_dir, _ = tiny_model_paths()
+    transformer = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer").eval()
+    config = transformer.config
+    embeds = dict(encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim),
+                  pooled_projections=torch.randn(1, config.pooled_projection_dim))
+    cond, noise = flux.conditioning(embeds, 32, torch.device("cpu")), flux.latent_noise(32, None, "cpu")
+    ours = flux.rollout(transformer, noise, cond, 4, 3.0, 3.5)
+    assert torch.equal(gpu.rollout_without_autocast(transformer, noise, cond, 4, 3.0, 3.5), ours)
+    assert not torch.equal(ours, noise)
 
 
 def test_report_of_a_run_cut_short_has_its_notes_and_no_later_tables():
