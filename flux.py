@@ -78,15 +78,18 @@ def conditioning(embeds, resolution, device):
 def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
     """x0 of the current model: Euler steps on the shift-3 grid from pure noise (METHOD.md §5), no gradient.
     Under FSDP2 each block keeps its gathered weights for all the steps (one all-gather per rollout, not
-    one per step; FLUX's bf16 copy fits beside the shards from 8 GPUs on) and frees them at the end."""
+    one per step; FLUX's bf16 copy fits beside the shards from 8 GPUs on) and frees them at the end. Under DDP
+    the fp32 weights are cast to bf16 once per rollout, not once per step: autocast keeps its casts of weights
+    until its outermost context ends, and one context here holds velocity's for all the steps."""
     blocks = [m for m in transformer.modules() if isinstance(m, FSDPModule) and m is not transformer]
     for block in blocks:
         block.set_reshard_after_forward(False)
     sigmas = sigma_schedule(steps, shift)
     x = noise
-    for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), desc="rollout", leave=False,
-                                  disable=not progress):
-        x = euler_step(x, velocity(transformer, x, sigma, cond, guidance), sigma, sigma_next)
+    with torch.autocast("cuda", torch.bfloat16, enabled=noise.device.type == "cuda"):
+        for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), desc="rollout", leave=False,
+                                      disable=not progress):
+            x = euler_step(x, velocity(transformer, x, sigma, cond, guidance), sigma, sigma_next)
     for block in blocks:
         block.reshard()
         block.set_reshard_after_forward(True)
