@@ -29,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import train
@@ -434,23 +436,75 @@ def empty_model(build):
     return model
 
 
+# CUDA's autocast op lists (PyTorch's "Autocast Op Reference"), by the names torch's Python functions carry: the ops
+# that run in bf16 under bf16 autocast, and those that run in fp32. Every other op takes its inputs' dtypes.
+AUTOCAST_BF16 = {"__matmul__", "addbmm", "addmm", "addmv", "addr", "baddbmm", "bmm", "chain_matmul", "multi_dot",
+                 "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+                 "matmul", "mm", "mv", "prelu", "einsum", "scaled_dot_product_attention"}
+AUTOCAST_FP32 = {"__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "cosh", "cosine_similarity",
+                 "cumprod", "cumsum", "dist", "erfinv", "exp", "expm1", "group_norm", "layer_norm", "log",
+                 "log_softmax", "log10", "log1p", "log2", "mse_loss", "norm", "normalize", "pow", "prod", "reciprocal",
+                 "rsqrt", "sinh", "softmax", "softmin", "softplus", "sum", "renorm", "tan", "logsumexp", "cdist"}
+
+
+class CudaAutocast(TorchFunctionMode):
+    """CUDA's bf16 autocast, applied on any device above autograd: each listed op's floating inputs are cast as
+    CUDA's autocast casts them; an fp32 leaf that requires grad (a weight that trains) is cast to bf16 once per
+    context, as autocast caches those casts. On a CPU this gives the dtypes, and so the bytes, that autograd saves
+    on a GPU (CPU's own autocast keeps norms in bf16). copies: the storages of the weights' casts (the plan counts
+    them apart from the activations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache, self.copies = {}, set()
+
+    def cast(self, t, dtype):
+        if not (torch.is_tensor(t) and t.dtype in (torch.float32, torch.bfloat16) and t.dtype != dtype):
+            return t
+        cached = dtype == torch.bfloat16 and t.requires_grad and t.is_leaf
+        copy = self.cache.get(id(t)) if cached else None
+        if copy is None:
+            copy = t.to(dtype)
+            if cached:
+                self.cache[id(t)] = copy
+        if isinstance(t, torch.nn.Parameter):
+            self.copies.add(copy.untyped_storage().data_ptr())
+        return copy
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        dtype = torch.bfloat16 if name in AUTOCAST_BF16 else torch.float32 if name in AUTOCAST_FP32 else None
+        if dtype is not None:
+            args, kwargs = tree_map(lambda t: self.cast(t, dtype), (args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 def saved_bytes(fn, model, blocks=()):
-    """Bytes autograd saves for backward while fn() runs, each storage once, the model's weights excluded,
-    attributed to the (name, module) of blocks that was running when the tensor was saved, else to 'other'."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Bytes autograd saves for backward while fn() runs under CudaAutocast, each storage once, the model's
+    weights and their bf16 casts excluded, attributed to the (name, module) of blocks that was running when the
+    tensor was saved, else to 'other'. Also each block's input bytes (what checkpointing keeps of it), as
+    input_<name>."""
+    weights, autocast = {p.untyped_storage().data_ptr() for p in model.parameters()}, CudaAutocast()
     seen, out, running = set(), {"other": 0}, ["other"]
+
+    def enter(block, args, kwargs, name):
+        running.append(name)
+        inputs = [t for t in [*args, *kwargs.values()] if torch.is_tensor(t)]
+        out[f"input_{name}"] = sum(t.untyped_storage().nbytes() for t in inputs)
+
     hooks = [h for name, block in blocks for h in (
-        block.register_forward_pre_hook(lambda *_, name=name: running.append(name)),
+        block.register_forward_pre_hook(lambda block, args, kwargs, name=name: enter(block, args, kwargs, name),
+                                        with_kwargs=True),
         block.register_forward_hook(lambda *_: running.pop() and None))]
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            out[running[-1]] = out.get(running[-1], 0) + storage.nbytes()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in weights and ptr not in autocast.copies and ptr not in seen:
+            seen.add(ptr)
+            out[running[-1]] = out.get(running[-1], 0) + tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
         fn()
     for h in hooks:
         h.remove()
@@ -465,18 +519,21 @@ def extrapolate(fn, xs, x):
 
 def activation_estimate():
     """Bytes of saved activations of one branch's backward at 720x720 (an estimate, not a GPU measurement).
-    Each part's saved tensors (saved_bytes) are measured on the CPU in fp32 on a smaller model and extrapolated
-    linearly, then halved for bf16 autocast (norm outputs autocast keeps in fp32 would add to this):
+    Each part's saved tensors (saved_bytes) are measured on the CPU under CUDA's autocast policy (CudaAutocast:
+    bf16 matmuls, fp32 norms, as on a GPU) on a smaller model and extrapolated linearly:
       transformer: one double and one single block at FLUX's 512 + 2025 tokens and 24 heads, head_dim 8 and 16,
         extrapolated to 128 (every saved tensor is tokens x width or tokens x heads: flash-style attention
         keeps no tokens x tokens matrix);
       VAE decode: FLUX.1-dev's VAE at 32 and 64 pixels, extrapolated to 720^2 pixels (convolutions: per pixel);
+        checkpointed (diffusers checkpoints the mid block and each up block), the blocks' inputs and the largest
+        block's internals, recomputed one block at a time;
       reward: ViT-H-14's 32 layers and 16 heads at head_dim 4 and 8, extrapolated to 80 (width 1280), on a
         720x720 image through the reward's own preprocessing; plus the bf16 copy of each of the frozen vision
         tower's fp32 weights, which autocast makes and the backward keeps (the gradient flows to the image
-        through them). On one H200 this term measured 1.54 GiB; without the copies the estimate was 0.28.
+        through them; frozen weights are cast at each use). On one H200 this term measured 1.54 GiB.
     Without checkpointing the transformer keeps every block's internals; with it (diffusers checkpoints each
-    block) only each block's inputs, (512 + 2025) x 3072 bf16 values, plus one block's internals at a time."""
+    block) only each block's inputs, (512 + 2025) x 3072 bf16 values, and recomputes one block's internals at a
+    time in its backward (transformer_recompute)."""
     tokens_txt, tokens_img = PLAN_TEXT_TOKENS, (PLAN_RESOLUTION // 16) ** 2
     cond = conditioning({"encoder_hidden_states": torch.randn(1, tokens_txt, FLUX_DEV["joint_attention_dim"]),
                                "pooled_projections": torch.randn(1, FLUX_DEV["pooled_projection_dim"])},
@@ -493,7 +550,8 @@ def activation_estimate():
     def vae(resolution):
         model = empty_model(lambda: AutoencoderKL(**FLUX_VAE))
         x = torch.zeros(1, (resolution // 16) ** 2, 64, requires_grad=True)
-        return saved_bytes(lambda: decode(model, x, resolution), model)
+        blocks = [("mid", model.decoder.mid_block), *((f"up{i}", b) for i, b in enumerate(model.decoder.up_blocks))]
+        return saved_bytes(lambda: decode(model, x, resolution), model, blocks)
 
     def clip(head_dim):
         vision = dict(VIT_H_14["vision_config"], hidden_size=16 * head_dim, intermediate_size=64 * head_dim)
@@ -501,18 +559,22 @@ def activation_estimate():
         image = torch.zeros(1, 3, PLAN_RESOLUTION, PLAN_RESOLUTION, requires_grad=True)
         return saved_bytes(lambda: SRPReward(model, None, "hps").embed_images(image), model)
 
-    per_block = {k: v / 2 for k, v in extrapolate(flux, (8, 16), FLUX_DEV["attention_head_dim"]).items()}
+    per_block = extrapolate(flux, (8, 16), FLUX_DEV["attention_head_dim"])
+    per_block = {k: per_block[k] for k in ("double", "single", "other")}
+    decoder = extrapolate(lambda pixels: vae(math.isqrt(pixels)), (32**2, 64**2), PLAN_RESOLUTION**2)
+    internals = [v for k, v in decoder.items() if k != "other" and not k.startswith("input_")]
     blocks = FLUX_DEV["num_layers"] + FLUX_DEV["num_single_layers"]
     width = FLUX_DEV["num_attention_heads"] * FLUX_DEV["attention_head_dim"]
     return dict(
         per_block=per_block,
         transformer=FLUX_DEV["num_layers"] * per_block["double"] + FLUX_DEV["num_single_layers"] * per_block["single"]
         + per_block["other"],
-        transformer_checkpointed=blocks * (tokens_txt + tokens_img) * width * 2
-        + max(per_block["double"], per_block["single"]) + per_block["other"],
-        vae_decode=extrapolate(lambda pixels: vae(math.isqrt(pixels)), (32**2, 64**2), PLAN_RESOLUTION**2)["other"] / 2,
-        reward=extrapolate(clip, (4, 8), VIT_H_14["vision_config"]["hidden_size"] // 16)["other"] / 2
-        + 2 * vision_params())
+        transformer_checkpointed=blocks * (tokens_txt + tokens_img) * width * 2 + per_block["other"],
+        transformer_recompute=max(per_block["double"], per_block["single"]),
+        vae_decode=decoder["other"] + sum(internals),
+        vae_decode_checkpointed=decoder["other"] + sum(v for k, v in decoder.items() if k.startswith("input_"))
+        + max(internals),
+        reward=extrapolate(clip, (4, 8), VIT_H_14["vision_config"]["hidden_size"] // 16)["other"] + 2 * vision_params())
 
 
 def vision_params():
@@ -545,8 +607,11 @@ def rank_memory(num_params, world_size, strategy, block_params, frozen_bytes, ac
     row["rollout_copies"] = 0 if lora_params and strategy == "ddp" else 2 * num_params
     row["frozen"] = frozen_bytes
     for suffix in ("", "_checkpointed"):
-        row[f"activations{suffix}"] = activations[f"transformer{suffix}"] + activations["vae_decode"] \
-            + activations["reward"]
+        # A branch's backward runs the reward's, then the VAE's, then the transformer's, freeing each one's saved
+        # tensors as it goes: the transformer's kept tensors plus the largest of the three parts' own peaks.
+        row[f"activations{suffix}"] = activations[f"transformer{suffix}"] + max(
+            activations[f"vae_decode{suffix}"], activations["reward"],
+            activations["transformer_recompute"] if suffix else 0)
         row[f"total{suffix}"] = row["train_memory_plan_total"] + frozen_bytes \
             + max(row["compute_copies"] + row[f"activations{suffix}"], row["rollout_copies"])
         row[f"fits_80gb{suffix}"] = row[f"total{suffix}"] <= USABLE * GPU_BYTES
@@ -660,7 +725,8 @@ def main(argv=None):
               f"{gib(plan['text_encoders_bf16_while_caching'])} GiB in bf16, only while caching before step 1.\n"
               f"activations at {PLAN_RESOLUTION}x{PLAN_RESOLUTION} (estimate, see activation_estimate): transformer "
               f"{gib(act['transformer'])}, checkpointed {gib(act['transformer_checkpointed'])}; VAE decode "
-              f"{gib(act['vae_decode'])}; reward {gib(act['reward'])}. Fits: at most {USABLE:.0%} of 80 GiB.\n")
+              f"{gib(act['vae_decode'])}, checkpointed {gib(act['vae_decode_checkpointed'])}; reward "
+              f"{gib(act['reward'])}. Fits: at most {USABLE:.0%} of 80 GiB.\n")
         print("total = weights + grads + AdamW + frozen + the larger of (bf16 copies + activations) while training "
               "and (all bf16 weights) while rolling out.\n")
         print(f"LoRA rows: rank {plan['lora_rank']} adapters on FLUX.1-dev's targets (flux.LORA_TARGETS), "

@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the whole script on a CPU in minutes")
     p.add_argument("--sections", nargs="+", choices=[name for name, *_ in SECTIONS[1:]],
                    help="only these sections (the models are always written first); default: all")
+    p.add_argument("--replan", metavar="GPU_JSON", help="no measuring: a run's gpu.json against the memory plan as it "
+                   "is now (computed on this machine's CPU), written to --out")
     p.add_argument("--section", help=argparse.SUPPRESS)  # the process of one section, started by the script itself
     p.add_argument("--work", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -525,9 +527,8 @@ def reduced_plan(cfg, r):
     tokens = cfg.text_len + (cfg.resolution // 16) ** 2
     activations = dict(
         transformer=cfg.layers * per_block["double"] + cfg.single_layers * per_block["single"] + per_block["other"],
-        transformer_checkpointed=(cfg.layers + cfg.single_layers) * tokens * width * 2
-        + max(per_block["double"], per_block["single"]) + per_block["other"],
-        vae_decode=acts["vae_decode"], reward=acts["reward"])
+        transformer_checkpointed=(cfg.layers + cfg.single_layers) * tokens * width * 2 + per_block["other"],
+        **{k: acts[k] for k in ("transformer_recompute", "vae_decode", "vae_decode_checkpointed", "reward")})
     frozen = frozen_bytes(cfg, m)
     plans = {s: bench.rank_memory(m["params"], 1, s, m["block_params"], frozen, activations) for s in ("fsdp", "ddp")}
     if m.get("lora_params"):
@@ -550,7 +551,7 @@ def memory_rows(cfg, r):
     if a.get("weights") is None or "steps" not in a:
         return rows
     ddp, acts, first, steady = plan["ddp"], plan["activations"], a["steps"][0], a["steps"][-1]
-    activations = acts["transformer_checkpointed" if a["checkpointing"] else "transformer"]
+    suffix = "_checkpointed" if a["checkpointing"] else ""
     per_block = r["plan"]["per_block"]
     rows += [
         ("fp32 weights, after load", a["weights"], ddp["weights"]),
@@ -559,8 +560,8 @@ def memory_rows(cfg, r):
         ("fp32 gradients, kept after the branches", first["branches_kept"], ddp["grads"]),
         ("AdamW states, kept after the first update", first["optimizer_kept"], ddp["optimizer"]),
         ("branches: peak above held (grads + bf16 copies + activations)", steady["branches_peak"],
-         ddp["grads"] + ddp["compute_copies"] + activations + acts["vae_decode"] + acts["reward"]),
-        ("VAE decode, forward + backward: peak above held", a["fixed"]["vae_decode_peak"], acts["vae_decode"]),
+         ddp["grads"] + ddp[f"activations{suffix}"] + ddp["compute_copies"]),
+        ("VAE decode, forward + backward: peak above held", a["fixed"]["vae_decode_peak"], acts[f"vae_decode{suffix}"]),
         ("reward, forward + backward: peak above held", a["fixed"]["reward_peak"], acts["reward"])]
     for kind in ("double", "single"):
         copy = 2 * r["models"][f"{kind}_params"]
@@ -823,6 +824,15 @@ def main(argv=None):
     cfg = types.SimpleNamespace(**(TINY if args.tiny else GPU), tiny=args.tiny)
     if args.section:  # one section's process
         dump(args.work, args.section, SECTION_FUNCTIONS[args.section](cfg, args.work, args.out))
+        return
+    if args.replan:
+        r = json.load(open(args.replan))
+        r["plan"] = plan_terms(cfg, None, None)
+        r["notes"]["plan"] = f"the plan column recomputed on {datetime.date.today().isoformat()} on a CPU; every " \
+                             f"measurement is the run's of {r['date']}"
+        os.makedirs(args.out, exist_ok=True)
+        save(cfg, r, args.out)
+        print(open(os.path.join(args.out, "gpu.md")).read())
         return
     started = time.time()
     os.makedirs(args.out, exist_ok=True)

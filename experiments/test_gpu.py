@@ -2,6 +2,7 @@
 memory terms; `python -m experiments.gpu --tiny` runs it end to end on a CPU). Run:
 python -m pytest -q experiments/test_gpu.py"""
 import copy
+import json
 import types
 
 import pytest
@@ -25,12 +26,13 @@ def results():
                          single_params=SINGLE, block_params=[DOUBLE] * CFG.layers + [SINGLE] * CFG.single_layers,
                          vae_params=83_819_683, reward_params=986_109_184,
                          lora_params=18_874_368),  # rank-64 adapters on 2 + 4 blocks (add_lora on the meta device)
-             plan=dict(per_block=dict(double=376e6, single=328e6, other=45e6), transformer=19.6e9,
-                       transformer_checkpointed=1.3e9, vae_decode=5.9e9, reward=0.3e9))
+             plan=dict(per_block=dict(double=533e6, single=468e6, other=67e6), transformer=28.0e9,
+                       transformer_checkpointed=0.9e9, transformer_recompute=533e6, vae_decode=9.9e9,
+                       vae_decode_checkpointed=6.0e9, reward=1.6e9))
     plan = gpu.reduced_plan(CFG, r)
     ddp, acts = plan["ddp"], plan["activations"]
-    branch_peak = ddp["grads"] + ddp["compute_copies"] + acts["transformer_checkpointed"] + acts["vae_decode"] \
-        + acts["reward"]
+    branch_peak = ddp["grads"] + ddp["compute_copies"] + acts["transformer_checkpointed"] \
+        + acts["vae_decode_checkpointed"]  # the largest part: the VAE's peak, above the reward's or one block's
     step = dict(rollout_s=2.0, branches_s=1.0, optimizer_s=0.1, rollout_peak=ddp["rollout_copies"],
                 branches_peak=branch_peak, optimizer_peak=1e9, branches_kept=ddp["grads"],
                 optimizer_kept=ddp["optimizer"], rollout_max=0, optimizer_max=0, branches_max=ddp["total_checkpointed"])
@@ -38,7 +40,7 @@ def results():
                          held_checkpointed=plan["tokens"] * plan["width"] * 2 + 2 * n)
               for kind, f, n in (("double", 0.01, DOUBLE), ("single", 0.005, SINGLE))}
     r["anatomy"] = dict(weights=ddp["weights"], frozen=plan["frozen"], blocks=dict(blocks, rest_forward_s=0.002),
-                        fixed=dict(vae_decode_s=0.05, reward_s=0.02, vae_decode_peak=acts["vae_decode"],
+                        fixed=dict(vae_decode_s=0.05, reward_s=0.02, vae_decode_peak=acts["vae_decode_checkpointed"],
                                    reward_peak=acts["reward"]),
                         steps=[step, step], rollout_steps=25, branches=2, checkpointing=True)
     for s in ("fsdp", "ddp", "lora"):
@@ -116,3 +118,15 @@ def test_report_of_a_run_cut_short_has_its_notes_and_no_later_tables():
     r["notes"]["bench"] = "skipped: 470 s gone"
     text = gpu.report(CFG, r)
     assert "- bench: skipped: 470 s gone" in text and "## 2." not in text and "EXTRAPOLATED" not in text
+
+
+def test_replan_keeps_every_measurement_and_recomputes_only_the_plan(tmp_path, monkeypatch):
+    r = results()
+    r["plan"] = dict(r["plan"], reward=0.3e9)  # the plan of the day the run was made
+    (tmp_path / "gpu.json").write_text(json.dumps(r))
+    monkeypatch.setattr(gpu, "plan_terms", lambda *_: results()["plan"])  # today's (bench.activation_estimate)
+    gpu.main(["--replan", str(tmp_path / "gpu.json"), "--out", str(tmp_path / "out")])
+    again = json.load(open(tmp_path / "out" / "gpu.json"))
+    assert again["plan"]["reward"] == 1.6e9 and "recomputed" in again["notes"]["plan"]
+    assert all(again[k] == r[k] for k in ("anatomy", "train-fsdp", "train-ddp", "train-lora", "models", "date"))
+    assert "**off by" not in (tmp_path / "out" / "gpu.md").read_text()
