@@ -81,6 +81,9 @@ def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
     one per step; FLUX's bf16 copy fits beside the shards from 8 GPUs on) and frees them at the end. Under DDP
     the fp32 weights are cast to bf16 once per rollout, not once per step: autocast keeps its casts of weights
     until its outermost context ends, and one context here holds velocity's for all the steps."""
+    if torch.is_autocast_enabled(noise.device.type):  # METHOD.md §7
+        raise RuntimeError("flux.rollout inside an autocast region: its bf16 casts of the weights, made without "
+                           "gradient, would be reused by later passes until that region ends, and give no gradient")
     blocks = [m for m in transformer.modules() if isinstance(m, FSDPModule) and m is not transformer]
     for block in blocks:
         block.set_reshard_after_forward(False)

@@ -350,6 +350,8 @@ def step_parts(transformer, vae, reward, optimizer, noise, cond, step, targs, de
                                           targs.rollout_guidance))
     phase("branches", lambda: train.srpo_step(transformer, vae, reward, x0, noise, cond, CAPTION, step,
                                               train.rng(0, "t", step), targs))
+    # METHOD.md §7: a bf16 cast made without gradient and reused by a pass with it leaves its weight no gradient
+    out["weights_without_gradient"] = sum(p.grad is None or not p.grad.any().item() for p in transformer.parameters())
     phase("optimizer", update)
     optimizer.zero_grad(set_to_none=True)
     return out
@@ -380,6 +382,7 @@ def anatomy(cfg, work, out):
     fixed = fixed_costs(vae, reward, noise, cfg.resolution, device, cfg.repeats)
     steps = [step_parts(transformer, vae, reward, optimizer, noise, cond, step, targs, device) for step in range(2)]
     return dict(weights=weights, frozen=frozen, blocks=blocks, fixed=fixed, steps=steps,
+                weight_tensors=len(list(transformer.parameters())),
                 rollout_steps=targs.rollout_steps, branches=2 if targs.branches == "both" else 1,
                 checkpointing=device.type == "cuda")
 
@@ -687,6 +690,9 @@ def report(cfg, r):
             ["... against VAE decode + reward, once per branch", num(1e3 * a["branches"] * (
                 f["vae_decode_s"] + f["reward_s"]), ".1f")],
             ["clip + AdamW", num(1e3 * s["optimizer_s"], ".1f")]])
+        if "weights_without_gradient" in s:
+            lines += [f"Weight tensors without a gradient after the branches (autocast's cache, METHOD.md §7): "
+                      f"{s['weights_without_gradient']} of {a['weight_tensors']}.", ""]
     bench_r, stable = r.get("bench") or {}, (r.get("stability") or {}).get("rows")
     if bench_r.get("steps"):
         lines += [f"## 4. bench.py: one training step per method (median of {bench_r['repeats']})", ""]
