@@ -123,8 +123,8 @@ def main(argv=None):
     args = parse_args(argv)
     if len(args.dirs) > 2:
         fail(f"DIR: got {len(args.dirs)} folders; expected one, or two (base, then SRPO)")
-    if args.batch_size < 1:
-        fail(f"--batch-size {args.batch_size}: expected at least 1 image per reward forward")
+    if not 1 <= args.batch_size <= 1024:  # the images of a batch are decoded and held at once, at full size
+        fail(f"--batch-size {args.batch_size}: expected 1 to 1024 images per reward forward")
     if len(set(args.reward)) != len(args.reward):
         fail(f"--reward {' '.join(args.reward)}: each reward at most once")
     records = {folder: read_records(folder) for folder in args.dirs}

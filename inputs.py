@@ -46,6 +46,14 @@ def run_command(main):
     os._exit(code)
 
 
+# Checks train.py and sample.py share, as (test, what is expected): check_ranges takes (flag, *SIZE) and the like.
+SIZE = (lambda v: 16 <= v <= 4096 and v % 16 == 0,
+        "a multiple of 16 from 16 to 4096 (FLUX packs 2x2 patches of the 8x downsampled latent; 4096 px is already "
+        "65,536 image tokens)")
+T5_TOKENS = (lambda v: 1 <= v <= 512, "1 to 512 T5 tokens (FluxPipeline's limit)")
+SEED = (lambda v: 0 <= v < 2**63, "0 to 2**63 - 1")
+
+
 def check_ranges(args, ranges):
     """Each (flag, test, what is expected) of ranges holds for args' value, every value of a list: else one line.
     A float must also be finite (nan fails every test, inf would pass some)."""

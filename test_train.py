@@ -12,6 +12,7 @@ import torch
 
 import flux
 import train
+from inputs import SIZE
 from srpo_reward import load_reward
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -276,8 +277,8 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
     assert "--prompts" in error("--prompts", str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert "no prompts" in error("--prompts", str(tmp_path / "empty.txt"))
-    assert "--resolution 100: expected a positive multiple of 16" in error("--resolution", "100")
-    assert "--lora-rank -1: expected 0 (every weight trains) or a positive LoRA rank" in error("--lora-rank", "-1")
+    assert "--resolution 100: expected a multiple of 16 from 16 to 4096" in error("--resolution", "100")
+    assert "--lora-rank -1: expected 0 (every weight trains) or a LoRA rank up to 3072" in error("--lora-rank", "-1")
     (tmp_path / "imgs").mkdir()
     from PIL import Image
     Image.new("RGB", (40, 40)).save(tmp_path / "imgs" / "a.png")
@@ -291,7 +292,7 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
 def test_bad_input_prints_no_traceback():
     done = run_train("--resolution", "100")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == "error: --resolution 100: expected a positive multiple of 16 (8x VAE, then 2x2 patches)"
+    assert done.stderr.strip() == f"error: --resolution 100: expected {SIZE[1]}"
 
 
 # ---------------------------------------------------------------- LoRA

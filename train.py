@@ -41,7 +41,8 @@ import checkpoint
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
 from flux import (add_lora, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint, latent_noise,
                   rollout, transformer_on_meta, velocity)
-from inputs import check_ranges, fail, load_image, read_captioned_images, read_prompts, run_command
+from inputs import (SEED, SIZE, T5_TOKENS, check_ranges, fail, load_image, read_captioned_images, read_prompts,
+                    run_command)
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
 
 # FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
@@ -120,29 +121,36 @@ def parse_args(argv=None):
     return args
 
 
-# Each numeric flag's valid values, checked before anything loads: (flag, test, what is expected).
-RANGES = [("resolution", lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16 (8x VAE, then 2x2 patches)"),
-          ("rollout_steps", lambda v: v >= 1, "at least 1 Euler step"),
-          ("rollout_guidance", lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100"),
-          ("guidance", lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100"),
+# Each numeric flag's valid values, checked before anything loads: (flag, test, what is expected). The upper bounds
+# keep absurd values from reaching the model (a step count that overflows a tensor size, a batch that never ends).
+GUIDANCE = (lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100")
+EVERY = "steps, at most 999,999 (--steps' limit)"
+RANGES = [("resolution", *SIZE),
+          ("rollout_steps", lambda v: 1 <= v <= 1000,
+           "1 to 1000 Euler steps (the transformer sees the timestep floor(1000 sigma) / 1000: 1001 values in all)"),
+          ("rollout_guidance", *GUIDANCE), ("guidance", *GUIDANCE),
           ("shift", lambda v: 0.01 <= v <= 100, "a shift from 0.01 to 100"),
           ("window_start", lambda v: 0 <= v < 50, "a step of the 50-step grid, 0 to 49"),
           ("window_end", lambda v: 0 < v <= 50, "a step of the 50-step grid, 1 to 50, after --window-start"),
           ("rho", lambda v: 0 < v < 1, "a ratio strictly between 0 and 1"),
-          ("max_sequence_length", lambda v: 1 <= v <= 512, "1 to 512 T5 tokens"),
-          ("batch_size", lambda v: v >= 1, "at least 1 prompt"),
-          ("steps", lambda v: v >= 1, "at least 1 optimizer step"),
+          ("max_sequence_length", *T5_TOKENS),
+          ("batch_size", lambda v: 1 <= v <= 4096,
+           "1 to 4096 prompts (128 times the release's 32; each costs a rollout and two backward passes)"),
+          ("steps", lambda v: 1 <= v <= 999_999, "1 to 999,999 optimizer steps (the release takes 20; sample grids "
+                                                  "are numbered with 6 digits)"),
           ("lr", lambda v: 0 < v < 1, "a positive learning rate below 1"),  # AdamW's steps overflow fp32 far above
-          ("lora_rank", lambda v: v >= 0, "0 (every weight trains) or a positive LoRA rank"),
+          ("lora_rank", lambda v: 0 <= v <= 3072, "0 (every weight trains) or a LoRA rank up to 3072, FLUX.1's "
+                                                   "width: the smaller side of every adapted layer"),
           ("lora_alpha", lambda v: v >= 0, "a LoRA alpha of at least 0"),
           ("betas", lambda v: 0 <= v < 1, "two values in [0, 1)"),
-          ("weight_decay", lambda v: v >= 0, "at least 0"),
+          ("weight_decay", lambda v: 0 <= v <= 1,
+           "0 to 1 (AdamW multiplies the weights by 1 - lr * weight_decay each step)"),
           ("adam_eps", lambda v: v > 0, "a positive epsilon"),
           ("max_grad_norm", lambda v: v > 0, "a positive norm"),
-          ("checkpoint_every", lambda v: v >= 0, "0 (only at the end) or a number of steps"),
-          ("sample_every", lambda v: v >= 0, "0 (never) or a number of steps"),
+          ("checkpoint_every", lambda v: 0 <= v <= 999_999, f"0 (only at the end) or a number of {EVERY}"),
+          ("sample_every", lambda v: 0 <= v <= 999_999, f"0 (never) or a number of {EVERY}"),
           ("k_denoise", lambda v: True, "two finite numbers"), ("k_inversion", lambda v: True, "two finite numbers"),
-          ("threshold", lambda v: True, "a finite number"), ("seed", lambda v: 0 <= v < 2**63, "0 to 2**63 - 1")]
+          ("threshold", lambda v: True, "a finite number"), ("seed", *SEED)]
 
 
 def check_inputs(args):
@@ -389,9 +397,10 @@ def main(argv=None):
     per_rank = args.batch_size // world
     mine = range(rank * per_rank, (rank + 1) * per_rank)
     sample_caption = captions[rank % len(captions)]
-    prompts = [captions[index(s, b)] for s in range(args.steps) for b in mine] + [sample_caption]
-    embeds = encode_prompts(args.model, prompts, args.max_sequence_length,
-                            os.path.join(args.output_dir, "text_cache"), device, torch.bfloat16 if cuda else torch.float32)
+    used = dict.fromkeys(captions[index(s, b)] for s in range(args.steps) for b in mine)  # each once, in order
+    cache = os.path.join(args.output_dir, "text_cache")
+    embeds = encode_prompts(args.model, [*used, sample_caption], args.max_sequence_length, cache, device,
+                            torch.bfloat16 if cuda else torch.float32)
     sample_noise = latent_noise(args.resolution, rng(args.seed, "sample", rank), device)
 
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas),
