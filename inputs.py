@@ -1,10 +1,13 @@
 """What a user hands to train.py, sample.py and evaluate.py, checked before any model loads: prompt files, captioned
 images. A problem ends the run with one line, `error: ...`, naming the flag or file and what was expected, and exit
 code 2 (`fail`), never a traceback."""
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -17,7 +20,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 def fail(message, this_rank_only=False):
     """One line naming the problem, exit code 2, no traceback: printed once, by rank 0, for what every rank finds;
-    by the rank itself, named, for what only it met (a disk error, say)."""
+    by the rank itself, named, for what only it met (a disk error, say). The other ranks then wait: torchrun stops
+    every rank once one has ended, and would stop rank 0 before it prints if another ended first."""
     rank = int(os.environ.get("RANK", 0))
     if this_rank_only and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
@@ -25,14 +29,27 @@ def fail(message, this_rank_only=False):
         print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
+    if rank and not this_rank_only:
+        time.sleep(60)
     sys.exit(2)
 
 
-def run_command(main):
+def run_command(main, after_ctrl_c):
     """Run main() as the process's command and end the process with its exit code: 0, or fail's 2. An OSError
     the disk causes (full, read-only, a size limit) is one line from the rank that met it. The process then ends
     with os._exit, skipping the interpreter's teardown: there, a rank's gloo threads can be destroyed while still
-    joinable and abort the process ("terminate called without an active exception") after its work was done."""
+    joinable and abort the process ("terminate called without an active exception") after its work was done.
+    Ctrl-C (SIGINT, which torchrun passes on to every rank) ends the process at once, also by os._exit, as a kill
+    would, so no rank waits in a collective for one already gone: one line from rank 0, `error: interrupted
+    (Ctrl-C); ` + after_ctrl_c, exit code 130 (128 + SIGINT). Unless SIGINT was ignored when the process started."""
+    def ctrl_c(signum, frame):
+        if int(os.environ.get("RANK", 0)) == 0:
+            with contextlib.suppress(RuntimeError, OSError):  # the main thread may be inside a write to stdout
+                sys.stdout.flush()
+            os.write(2, f"\nerror: interrupted (Ctrl-C); {after_ctrl_c}\n".encode())  # below a progress bar
+        os._exit(128 + signum)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, ctrl_c)
     try:
         try:
             main()

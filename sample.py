@@ -223,5 +223,5 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    run_command(main)
+if __name__ == "__main__":  # every image is complete: each is renamed into place when written
+    run_command(main, "the same command continues, skipping the images already made")

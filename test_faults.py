@@ -1,8 +1,8 @@
 """Faults and hostile input: nothing broken is trusted, nothing is trained that the user did not mean. kill -9 of a
-rank mid-step and mid-save, SIGTERM, broken checkpoints, two runs on one folder, a write failure while saving,
-non-finite weights, and bad input to train.py, sample.py and evaluate.py. Each case checks what the user sees (one
-`error:` line, the exit code) and what is on disk; recovery is checked bit for bit against an uninterrupted run.
-CPU only, tiny random models; the runs of two ranks are marked slow (CI runs them)."""
+rank mid-step and mid-save, SIGTERM, Ctrl-C mid-save, broken checkpoints, two runs on one folder, a write failure
+while saving, non-finite weights, and bad input to train.py, sample.py and evaluate.py. Each case checks what the
+user sees (one `error:` line, the exit code) and what is on disk; recovery is checked bit for bit against an
+uninterrupted run. CPU only, tiny random models; the runs of two ranks are marked slow (CI runs them)."""
 import argparse
 import gc
 import hashlib
@@ -41,10 +41,9 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 # backward of step N, before its optimizer step; PAUSE=save:N:RANK inside the save of checkpoint-N, once this
 # rank's shard is written (no manifest yet). The paused rank writes its pid to the file $PAUSED.
 PAUSING_TRAIN = """
-import os, sys, time
+import os, runpy, time
 import torch.distributed.checkpoint as dcp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-import train
 where, step, rank = os.environ["PAUSE"].split(":")
 
 def pause():
@@ -69,7 +68,7 @@ if int(os.environ["RANK"]) == int(rank):
         register_optimizer_step_pre_hook(before_optimizer_step)
     else:
         real_save, dcp.save = dcp.save, save
-train.main(sys.argv[1:])
+runpy.run_module("train", run_name="__main__")  # as `python train.py ARGS` runs it
 """
 
 
@@ -178,10 +177,11 @@ def interrupt(out, pause, sig, whom, resume):
     paused.unlink()
     code, output = finish(p, timeout=300)
     assert code != 0 and "done: weights" not in output
+    return output
 
 
 @pytest.mark.slow
-def test_kill_9_mid_step_and_mid_save_and_sigterm_then_resume_ends_bit_identical(tmp_path, reference):
+def test_kill_9_mid_step_and_mid_save_sigterm_and_ctrl_c_then_resume_ends_bit_identical(tmp_path, reference):
     out = tmp_path / "out"
     # kill -9 of rank 1 in step 3, after its backward: checkpoint-2 is the newest, and intact
     interrupt(out, "step:3:1", signal.SIGKILL, "rank", resume=False)
@@ -198,6 +198,12 @@ def test_kill_9_mid_step_and_mid_save_and_sigterm_then_resume_ends_bit_identical
     # --resume from checkpoint-2 again, and SIGTERM to torchrun (what a scheduler sends) in step 5
     interrupt(out, "step:5:0", signal.SIGTERM, "torchrun", resume=True)
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and intact(out / "checkpoint-4")
+    # --resume from checkpoint-4, and Ctrl-C (SIGINT to torchrun, which passes it on) inside the save of checkpoint-6,
+    # with rank 1 paused there and rank 0 waiting for it in a collective: one line, and no checkpoint-6
+    output = interrupt(out, "save:6:1", signal.SIGINT, "torchrun", resume=True)
+    assert one_error(output) == \
+        "interrupted (Ctrl-C); the same command with --resume continues from the newest checkpoint"
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6.tmp"]
     # --resume to the end: the same bits as the run that was never interrupted
     code, output = finish(launch(*RUN, "--output-dir", out, "--resume", nproc=2))
     assert code == 0 and f"resumed from {out}/checkpoint-4" in output, output[-6000:]

@@ -495,5 +495,5 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    run_command(main)
+if __name__ == "__main__":  # every checkpoint-N is complete: a save is renamed into place when done
+    run_command(main, "the same command with --resume continues from the newest checkpoint")
