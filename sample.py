@@ -16,7 +16,6 @@ killed job resumes. Each folder gets NNNNN.png (prompt, seed and settings in the
 """
 import argparse
 import json
-import math
 import os
 
 import torch
@@ -48,18 +47,14 @@ RANGES = [("height", *SIZE), ("width", *SIZE),
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="FluxPipeline folder or hub id, e.g. black-forest-labs/FLUX.1-dev "
-                                   "(default: the tiny random pipeline of tiny.py)")
-    p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it (default: none)")
-    p.add_argument("--lora", help=f"SRPO LoRA: {LORA_NAME}, or a folder holding it, loaded with FluxPipeline."
-                                  "load_lora_weights (default: none)")
+    p.add_argument("--model", help="FluxPipeline folder or hub id (default: the tiny random pipeline of tiny.py)")
+    p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it")
+    p.add_argument("--lora", help=f"SRPO LoRA: {LORA_NAME}, or a folder holding it")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
-    prompts.add_argument("--prompts", help="a .txt file, one prompt per line, or a .json list of strings "
-                                           "(the format of HPDv2's benchmark prompt files)")
+    prompts.add_argument("--prompts", help="a .txt file, one prompt per line, or a .json list of strings (HPDv2's)")
     p.add_argument("--output-dir", default="out/samples", help="default: out/samples")
-    p.add_argument("--compare", action="store_true", help="render base and --weights (or --lora) into DIR/base, "
-                                                          "DIR/srpo with the same seeds, and DIR/compare.png")
+    p.add_argument("--compare", action="store_true", help="base and SRPO, same seeds: DIR/base, DIR/srpo, compare.png")
     # The release's inference settings (METHOD.md §5), named after FluxPipeline's arguments.
     p.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX guidance, default 3.5")
     p.add_argument("--num-inference-steps", type=int, default=50, help="default 50")
@@ -70,10 +65,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def safetensors_shapes(path, flag, name):
-    """{key: shape} from a safetensors file's header (a folder: its file `name`), or one line saying what is wrong."""
-    if os.path.isdir(path):
-        path = os.path.join(path, name)
+def read_header(flag, path, name):
+    """(the file, {key: shape}) from a safetensors file's header alone, so a bad file fails before any image is
+    made; a folder stands for its file `name`, as train.py writes it."""
+    path = os.path.join(path, name) if os.path.isdir(path) else path
     if not os.path.isfile(path):
         fail(f"{flag} {path}: not found (expected {name} or a folder holding it)")
     try:
@@ -83,28 +78,9 @@ def safetensors_shapes(path, flag, name):
         fail(f"{flag} {path}: not a safetensors file ({e})")
 
 
-def check_lora(path, transformer):
-    """The --lora file: diffusers' FLUX LoRA keys (transformer.<layer>.lora_A / lora_B.weight), each pair on a
-    linear layer of this --model's transformer with matching sizes."""
-    path, shapes = safetensors_shapes(path, "--lora", LORA_NAME)
-    layers = dict(transformer.named_modules())
-    what = "expected a FLUX LoRA of this --model, keys transformer.<layer>.lora_A.weight / lora_B.weight"
-    for key, shape in shapes.items():
-        name = key.removeprefix("transformer.").rsplit(".lora_", 1)[0]
-        layer = layers.get(name)
-        if not key.startswith("transformer.") or ".lora_" not in key or not isinstance(layer, torch.nn.Linear):
-            fail(f"--lora {path}: {key} is no LoRA weight of a linear layer of the transformer ({what})")
-        if shape[1 if ".lora_A." in key else 0] != (layer.in_features if ".lora_A." in key else layer.out_features):
-            fail(f"--lora {path}: {key} is {shape}, which does not fit {name} ({what})")
-    if not shapes:
-        fail(f"--lora {path}: no tensors in it ({what})")
-    return path
-
-
 def check_weights(path, transformer):
-    """The --weights file; its keys and shapes must be the transformer's (only the header is read here,
-    so a bad file fails before any image is made)."""
-    path, shapes = safetensors_shapes(path, "--weights", WEIGHTS_NAME)
+    """The --weights file: exactly the keys and shapes of this --model's transformer."""
+    path, shapes = read_header("--weights", path, WEIGHTS_NAME)
     expected = {key: tuple(t.shape) for key, t in transformer.state_dict().items()}
     for key in sorted(expected.keys() | shapes.keys()):
         if key not in expected:
@@ -115,21 +91,38 @@ def check_weights(path, transformer):
     return path
 
 
+def check_lora(path, transformer):
+    """The --lora file: diffusers' FLUX LoRA keys, transformer.<layer>.lora_A / lora_B.weight, each on a linear
+    layer of this --model's transformer whose sizes it fits (A: rank x in, B: out x rank)."""
+    path, shapes = read_header("--lora", path, LORA_NAME)
+    layers = dict(transformer.named_modules())
+    what = "expected a FLUX LoRA of this --model, keys transformer.<layer>.lora_A.weight / lora_B.weight"
+    if not shapes:
+        fail(f"--lora {path}: no tensors in it ({what})")
+    for key, shape in shapes.items():
+        name, a = key.removeprefix("transformer.").rsplit(".lora_", 1)[0], ".lora_A." in key
+        layer = layers.get(name)
+        if not key.startswith("transformer.") or not isinstance(layer, torch.nn.Linear):
+            fail(f"--lora {path}: {key} is no LoRA weight of a linear layer of the transformer ({what})")
+        if shape[1 if a else 0] != (layer.in_features if a else layer.out_features):
+            fail(f"--lora {path}: {key} is {shape}, which does not fit {name} ({what})")
+    return path
+
+
 def render(pipe, records, out_dir, rank, world_size):
-    """Make this rank's share of the images (i = rank, rank + world_size, ...) that are not on disk yet.
-    Every rank first checks every image already there (the same answer on all ranks, so a mismatch stops them
-    all with one line). Returns (rendered, skipped)."""
+    """Make this rank's share of the images (i = rank, rank + world_size, ...) not on disk yet, each with its record
+    as PNG text; returns (rendered, skipped). Every rank first checks every image already there against its
+    record: the same answer on all ranks, so a mismatch stops them all with one line."""
     os.makedirs(out_dir, exist_ok=True)
     done = set()
     for r in records:
         path = os.path.join(out_dir, r["file"])
-        if os.path.exists(path):  # complete: images are only ever renamed into place
+        if os.path.exists(path):  # complete: an image is only ever renamed into place
             with Image.open(path) as im:
-                old = im.text
-            for key, value in r.items():
-                if old.get(key) != str(value):
-                    fail(f"{path}: already made with {key}={old.get(key)!r}, this run has {value!r}; use another "
-                         f"--output-dir for other settings")
+                key = next((k for k, v in r.items() if im.text.get(k) != str(v)), None)
+                if key:
+                    fail(f"{path}: already made with {key}={im.text.get(key)!r}, this run has {r[key]!r}; use "
+                         f"another --output-dir for other settings")
             done.add(r["file"])
     mine = records[rank::world_size]
     todo = [r for r in mine if r["file"] not in done]
@@ -142,33 +135,33 @@ def render(pipe, records, out_dir, rank, world_size):
             info.add_text(key, str(value))
         path = os.path.join(out_dir, r["file"])
         image.save(path + ".tmp", format="PNG", pnginfo=info)
-        os.replace(path + ".tmp", path)  # atomic: a killed job never leaves a half image to be skipped
+        os.replace(path + ".tmp", path)
     return len(todo), len(mine) - len(todo)
 
 
-def grid(paths, cols):
-    """The images at paths pasted in rows of cols, each shrunk to at most THUMB px."""
+def grid(paths, cols, out):
+    """The images at paths pasted in rows of cols, each shrunk to at most THUMB px, saved as out."""
     images = [Image.open(p).convert("RGB") for p in paths]
     for im in images:
         im.thumbnail((THUMB, THUMB))
     w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h), "white")
+    sheet = Image.new("RGB", (cols * w, -(-len(images) // cols) * h), "white")
     for j, im in enumerate(images):
         sheet.paste(im, ((j % cols) * w, (j // cols) * h))
-    return sheet
+    sheet.save(out)
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_ranges(args, RANGES)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    if args.model is None:  # the tiny random pipeline, built offline on first use
-        from tiny import tiny_model_paths
-        args.model = tiny_model_paths()[0]
     if args.compare and not (args.weights or args.lora):
         fail("--compare: needs --weights or --lora, the SRPO weights to set beside the base model")
     if args.weights and args.lora:
         fail("--weights and --lora: expected one of them, a full transformer or a LoRA")
+    if args.model is None:  # the tiny random pipeline, built offline on first use
+        from tiny import tiny_model_paths
+        args.model = tiny_model_paths()[0]
 
     # torchrun sets these; a plain `python sample.py` is rank 0 of 1
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -178,45 +171,40 @@ def main(argv=None):
         torch.cuda.set_device(device)
     if world_size > 1:  # only so rank 0 can wait for the others before it writes prompts.jsonl and grids
         dist.init_process_group("nccl" if cuda else "gloo")
-
     try:
-        pipe = FluxPipeline.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32)
+        pipe = FluxPipeline.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
     except (OSError, ValueError) as e:
         fail(f"--model {args.model}: cannot load a FluxPipeline ({str(e).splitlines()[0]})")
-    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # ours is over prompts
     weights = check_weights(args.weights, pipe.transformer) if args.weights else None
     lora = check_lora(args.lora, pipe.transformer) if args.lora else None
 
-    passes = [(args.output_dir, weights, lora)]
-    if args.compare:
-        passes = [(os.path.join(args.output_dir, "base"), None, None),
-                  (os.path.join(args.output_dir, "srpo"), weights, lora)]
-    for out_dir, w, lora_file in passes:
-        if w:  # strict: every key, each converted to the transformer's dtype on copy. Read straight onto the
-            # GPU: FLUX's 24 GB beside the pipeline on an 80 GB card, rather than 24 GB of CPU memory per rank
+    passes = [("base", None, None), ("srpo", weights, lora)] if args.compare else [("", weights, lora)]
+    for sub, w, lora_file in passes:
+        out_dir = os.path.join(args.output_dir, sub) if sub else args.output_dir
+        if w:  # strict, cast to the pipe's dtype on copy; read straight onto the GPU, not 24 GB of CPU memory a rank
             pipe.transformer.load_state_dict(load_file(w, device=str(device)), strict=True)
         if lora_file:
             pipe.load_lora_weights(lora_file)
-        settings = {k: getattr(args, k) for k in PIPE_ARGS}
-        records = [dict(file=f"{i:05d}.png", prompt=p, seed=args.seed + i, **settings, model=args.model, weights=w,
-                        lora=lora_file) for i, p in enumerate(prompts)]
+        records = [dict(file=f"{i:05d}.png", prompt=p, seed=args.seed + i, **{k: getattr(args, k) for k in PIPE_ARGS},
+                        model=args.model, weights=w, lora=lora_file) for i, p in enumerate(prompts)]
         counts = torch.tensor(render(pipe, records, out_dir, rank, world_size), device=device)
         if world_size > 1:
             dist.all_reduce(counts)  # also waits until every rank has written its images
         if rank == 0:
-            with open(os.path.join(out_dir, "prompts.jsonl.tmp"), "w", encoding="utf-8") as f:
+            jsonl = os.path.join(out_dir, "prompts.jsonl")
+            with open(jsonl + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
-            os.replace(os.path.join(out_dir, "prompts.jsonl.tmp"), os.path.join(out_dir, "prompts.jsonl"))
+            os.replace(jsonl + ".tmp", jsonl)
             files = [os.path.join(out_dir, r["file"]) for r in records[:SHEET_IMAGES]]
-            grid(files, min(4, len(files))).save(os.path.join(out_dir, "contact_sheet.png"))
+            grid(files, min(4, len(files)), os.path.join(out_dir, "contact_sheet.png"))
             rendered, skipped = counts.tolist()
-            print(f"{out_dir}: {rendered} images rendered, {skipped} already there; "
-                  f"prompts.jsonl, contact_sheet.png written")
+            print(f"{out_dir}: {rendered} images rendered, {skipped} already there; prompts.jsonl, contact_sheet.png "
+                  f"written")
     if args.compare and rank == 0:
         pairs = [os.path.join(args.output_dir, sub, f"{i:05d}.png")
                  for i in range(min(COMPARE_ROWS, len(prompts))) for sub in ("base", "srpo")]
-        grid(pairs, 2).save(os.path.join(args.output_dir, "compare.png"))
+        grid(pairs, 2, os.path.join(args.output_dir, "compare.png"))
         print(f"{os.path.join(args.output_dir, 'compare.png')}: base (left) and SRPO (right), same seeds")
     if world_size > 1:
         dist.barrier()  # no rank tears down its connections while another still sends on them (gloo aborts then)
