@@ -201,6 +201,16 @@ def test_direct_align_step_sends_gradient_to_the_transformer_only(tiny_parts):
     assert all(p.grad is None for p in reward.model.parameters())
 
 
+def test_rollout_refuses_an_enclosing_autocast_region(tiny_parts):
+    """METHOD.md §7: inside one autocast region, PyTorch releases before the fix of pytorch#158232 reuse a weight's
+    bf16 cast made without gradient in a later pass with gradient, and the weight gets none. The rollout makes such
+    casts, so it refuses to run inside a region that would outlive it (the CPU's autocast stands in for CUDA's)."""
+    new_transformer, _, _, cond = tiny_parts
+    noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="inside an autocast region"), torch.autocast("cpu", torch.bfloat16):
+        flux.rollout(new_transformer(), noise, cond, 2, 3.0, 1.0)
+
+
 def test_offline_mode_trains_on_the_vae_encoding_of_captioned_images(tmp_path, tiny_parts):
     from diffusers import FluxPipeline
     from diffusers.image_processor import VaeImageProcessor
@@ -273,7 +283,8 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
     assert "does not name a FLUX pipeline" in error("--model", str(tmp_path / "sd"))
     from tiny import tiny_model_paths
     (tmp_path / "p.txt").write_text("a cat\n")
-    assert "--model needs --reward-path" in error("--model", tiny_model_paths()[0], "--prompts", str(tmp_path / "p.txt"))
+    prompts = str(tmp_path / "p.txt")
+    assert "--model needs --reward-path" in error("--model", tiny_model_paths()[0], "--prompts", prompts)
     assert "--prompts" in error("--prompts", str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert "no prompts" in error("--prompts", str(tmp_path / "empty.txt"))
@@ -333,7 +344,8 @@ def test_lora_step_leaves_the_base_bit_identical(tiny_parts):
     noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
     for step in range(2):  # B moves at step 1, then A gets a gradient too
         x0 = flux.rollout(transformer, noise, cond, 2, 3.0, 1.0)
-        train.srpo_step(transformer, vae, reward, x0, noise, cond, "a cat", step, torch.Generator().manual_seed(1), args)
+        generator = torch.Generator().manual_seed(1)
+        train.srpo_step(transformer, vae, reward, x0, noise, cond, "a cat", step, generator, args)
         optimizer.step()
         optimizer.zero_grad()
     after = transformer.state_dict()
