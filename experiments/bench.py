@@ -590,8 +590,12 @@ def rank_memory(num_params, world_size, strategy, block_params, frozen_bytes, ac
     (METHOD.md §5):
       training: compute copies (FSDP all-gathers bf16 weights block by block, two blocks at once (prefetch) and
         the root module's for the whole step, and holds one block's unsharded grads in bf16 and, for the
-        reduce-scatter, in fp32; DDP's autocast keeps a bf16 copy of every weight through the step, and
-        gradient_as_bucket_view spares a second copy of the grads) and activations, one branch at a time;
+        reduce-scatter, in fp32; DDP's autocast makes a bf16 copy of every weight in the forward, which the
+        backward keeps without checkpointing, and with it recasts only the block it recomputes and the root's;
+        gradient_as_bucket_view spares a second copy of the grads) and activations, one branch at a time: the
+        transformer's kept tensors, plus the larger of the copies at its forward's end and, in the backward, the
+        copies still held and the largest of the reward's, the VAE decode's and one recomputed block's peaks (the
+        backward frees each part's saved tensors before it runs the next part's);
       rollout: no activations, but every block's bf16 weights stay gathered for its 25 steps (train.rollout);
       frozen, both phases: the fp32 VAE and reward model and the cached text embeddings (no text encoder).
     A LoRA's base is already bf16: DDP makes no copies of it, FSDP still gathers it block by block."""
@@ -607,13 +611,15 @@ def rank_memory(num_params, world_size, strategy, block_params, frozen_bytes, ac
     row["rollout_copies"] = 0 if lora_params and strategy == "ddp" else 2 * num_params
     row["frozen"] = frozen_bytes
     for suffix in ("", "_checkpointed"):
-        # A branch's backward runs the reward's, then the VAE's, then the transformer's, freeing each one's saved
-        # tensors as it goes: the transformer's kept tensors plus the largest of the three parts' own peaks.
-        row[f"activations{suffix}"] = activations[f"transformer{suffix}"] + max(
-            activations[f"vae_decode{suffix}"], activations["reward"],
-            activations["transformer_recompute"] if suffix else 0)
+        backward_copies = 2 * (largest + root) if suffix and strategy == "ddp" and not lora_params \
+            else row["compute_copies"]
+        kept = activations[f"transformer{suffix}"]
+        parts = max(activations[f"vae_decode{suffix}"], activations["reward"],
+                    activations["transformer_recompute"] if suffix else 0)
+        row[f"activations{suffix}"] = kept + parts
+        row[f"training{suffix}"] = kept + max(row["compute_copies"], backward_copies + parts)
         row[f"total{suffix}"] = row["train_memory_plan_total"] + frozen_bytes \
-            + max(row["compute_copies"] + row[f"activations{suffix}"], row["rollout_copies"])
+            + max(row[f"training{suffix}"], row["rollout_copies"])
         row[f"fits_80gb{suffix}"] = row[f"total{suffix}"] <= USABLE * GPU_BYTES
     return row
 

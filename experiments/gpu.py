@@ -563,7 +563,7 @@ def memory_rows(cfg, r):
         ("fp32 gradients, kept after the branches", first["branches_kept"], ddp["grads"]),
         ("AdamW states, kept after the first update", first["optimizer_kept"], ddp["optimizer"]),
         ("branches: peak above held (grads + bf16 copies + activations)", steady["branches_peak"],
-         ddp["grads"] + ddp[f"activations{suffix}"] + ddp["compute_copies"]),
+         ddp["grads"] + ddp[f"training{suffix}"]),
         ("VAE decode, forward + backward: peak above held", a["fixed"]["vae_decode_peak"], acts[f"vae_decode{suffix}"]),
         ("reward, forward + backward: peak above held", a["fixed"]["reward_peak"], acts["reward"])]
     for kind in ("double", "single"):

@@ -71,6 +71,9 @@ def test_memory_plan_arithmetic_on_a_tiny_config():
         assert fsdp["total"] == 16 * n / world + 7 + max(fsdp["compute_copies"] + 1010, rollout)
         assert fsdp["total_checkpointed"] == 16 * n / world + 7 + max(fsdp["compute_copies"] + 120, rollout)
         assert ddp["total"] == 16 * n + 7 + max(2 * n + 1010, rollout) and fsdp["fits_80gb"]
+        # checkpointed DDP: every weight's bf16 copy at the forward's end (2n) outweighs the backward's moment, the
+        # recomputed block's and the root's copies plus the largest part (2 (double + rest) + 20)
+        assert 2 * n > 2 * (double + rest) + 20 and ddp["total_checkpointed"] == 16 * n + 7 + 100 + 2 * n
         assert ddp["fits_80gb_checkpointed"]
 
 

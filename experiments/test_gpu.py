@@ -31,8 +31,11 @@ def results():
                        vae_decode_checkpointed=6.0e9, reward=1.6e9))
     plan = gpu.reduced_plan(CFG, r)
     ddp, acts = plan["ddp"], plan["activations"]
-    branch_peak = ddp["grads"] + ddp["compute_copies"] + acts["transformer_checkpointed"] \
-        + acts["vae_decode_checkpointed"]  # the largest part: the VAE's peak, above the reward's or one block's
+    # in the backward of a checkpointed branch: the recomputed double block's and the root's bf16 copies and the
+    # largest part, the VAE's peak (above the reward's or one block's); more than all copies at the forward's end
+    branch_peak = ddp["grads"] + acts["transformer_checkpointed"] + 2 * (DOUBLE + REST) \
+        + acts["vae_decode_checkpointed"]
+    assert 2 * (DOUBLE + REST) + acts["vae_decode_checkpointed"] > 2 * params
     step = dict(rollout_s=2.0, branches_s=1.0, optimizer_s=0.1, rollout_peak=ddp["rollout_copies"],
                 branches_peak=branch_peak, optimizer_peak=1e9, branches_kept=ddp["grads"],
                 optimizer_kept=ddp["optimizer"], rollout_max=0, optimizer_max=0, branches_max=ddp["total_checkpointed"])
