@@ -3,7 +3,8 @@ benchmark's step costs and gradient stability, our rollout against FluxPipeline'
 image, and from the per-block numbers an extrapolation to FLUX.1-dev's 19 + 38 blocks (METHOD.md §5, §6).
 
 A bare one-GPU machine with torch, transformers and accelerate; diffusers and ftfy (HPS's prompt cleaning) travel
-as wheels in .whl/. About 6-7 minutes on an H100, never more than 9; results are written after every section:
+as wheels in .whl/ (`python -m pip download --no-deps -d .whl diffusers==0.42.1 ftfy wcwidth` where there is a
+network). About 6-7 minutes on an H100, never more than 9; results are written after every section:
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
         export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 -m experiments.gpu --out $OUT
 Some sections only (the models are always written first), e.g. those results/gpu-h200.md lacks, about 3 minutes:
