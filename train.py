@@ -397,7 +397,8 @@ def main(argv=None):
     per_rank = args.batch_size // world
     mine = range(rank * per_rank, (rank + 1) * per_rank)
     sample_caption = captions[rank % len(captions)]
-    used = dict.fromkeys(captions[index(s, b)] for s in range(args.steps) for b in mine)  # each once, in order
+    # each once, in order; step s uses what step s mod len(order) uses, so no more steps need looking at
+    used = dict.fromkeys(captions[index(s, b)] for s in range(min(args.steps, len(order))) for b in mine)
     cache = os.path.join(args.output_dir, "text_cache")
     embeds = encode_prompts(args.model, [*used, sample_caption], args.max_sequence_length, cache, device,
                             torch.bfloat16 if cuda else torch.float32)
