@@ -7,8 +7,8 @@ as wheels in .whl/ (`python -m pip download --no-deps -d .whl diffusers==0.42.1 
 network). About 6-7 minutes on an H100, never more than 9; results are written after every section:
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
         export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 -m experiments.gpu --out $OUT
-Some sections only (the models are always written first), e.g. those results/gpu-h200.md lacks, about 3 minutes:
-    ... python3 -m experiments.gpu --out $OUT --sections train-lora rollout stability
+Some sections only (the models are always written first), e.g. what results/gpu-h200.md lacks, about 4 minutes:
+    ... python3 -m experiments.gpu --out $OUT --sections train-lora anatomy rollout stability
 CPU, tiny sizes, every section end to end (about 2 minutes on 2 cores; memory is read on a GPU only):
     python -m experiments.gpu --tiny --out out/gpu-tiny
 
