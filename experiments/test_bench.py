@@ -87,6 +87,27 @@ def test_saved_bytes_counts_each_activation_once_and_no_weights():
     assert out == {"other": (3 * 8 + 3 * 4) * 2}
 
 
+def test_cuda_autocast_saves_what_torchs_own_autocast_saves_where_their_policies_agree():
+    """Linear layers and GELU: bf16 for linear, no cast for GELU, under the CPU's autocast and CUDA's alike. The
+    emulation must then save the same tensors, in the same dtypes, as torch.autocast itself (weight casts included,
+    each once: autocast caches the casts of weights that train)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4), torch.nn.GELU(),
+                                torch.nn.Linear(4, 4))
+    x = torch.randn(3, 8, requires_grad=True)
+
+    def saved(context):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
+            model(x).sum() + model(x).sum()  # twice: the second pass reuses the cached weight casts
+        return sorted(seen.values(), key=str)
+
+    assert saved(bench.CudaAutocast()) == saved(torch.autocast("cpu", torch.bfloat16))
+
+
 def test_cuda_autocast_on_a_cpu_gives_cudas_dtypes():
     """PyTorch's CUDA autocast runs linear in bf16 and layer_norm and softmax in fp32, and other ops promote; the
     CPU's own autocast keeps layer_norm in bf16, which is why the plan emulates CUDA's policy."""
