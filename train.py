@@ -404,8 +404,10 @@ def main(argv=None):
                             torch.bfloat16 if cuda else torch.float32)
     sample_noise = latent_noise(args.resolution, rng(args.seed, "sample", rank), device)
 
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay, eps=args.adam_eps)
+    # foreach: what CUDA tensors and DTensors get by default, here on CPUs too (a loop over DTensors costs as much
+    # as a tiny model's step; the same bits)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                                  eps=args.adam_eps, foreach=True)
     if start:
         checkpoint.load(transformer, optimizer, os.path.join(args.output_dir, f"checkpoint-{start}"))
         say(f"resumed from {args.output_dir}/checkpoint-{start} (verified against its manifest)")

@@ -183,7 +183,8 @@ def load(args, dirs, lora_rank=0):
     embeds = encode_prompts(dirs.flux, [CAPTION], args.text_len, os.path.join(dirs.root, "text_cache"),
                                   device, dtype)
     optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=targs.lr,
-                                  betas=tuple(targs.betas), weight_decay=targs.weight_decay, eps=targs.adam_eps)
+                                  betas=tuple(targs.betas), weight_decay=targs.weight_decay, eps=targs.adam_eps,
+                                  foreach=True)  # as train.py
     return types.SimpleNamespace(
         transformer=transformer, vae=vae, reward=load_reward("hps", dirs.clip, device=device), optimizer=optimizer,
         cond=conditioning(embeds(CAPTION), args.resolution, device), targs=targs, device=device,

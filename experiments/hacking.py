@@ -207,7 +207,7 @@ def baseline_run(paths, out, method, seed, steps, lr):
     embeds = encode_prompts(paths["flux"], captions, MAX_SEQUENCE_LENGTH, os.path.join(out, "text_cache"),
                             torch.device("cpu"), torch.float32)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay, eps=args.adam_eps)
+                                  weight_decay=args.weight_decay, eps=args.adam_eps, foreach=True)  # as train.py
     every, weights, metrics = max(1, steps // 4), {}, []
     for step in tqdm(range(steps), desc=f"{method}, seed {seed}"):
         text = captions[order[step % len(order)]]  # train.py's prompt of this step, with --batch-size 1
