@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+from contextlib import nullcontext
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -20,6 +21,14 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 from direct_align import euler_step, sigma_schedule
+
+AUTOCAST_DEVICES = ("cuda",)  # where the release's bf16 autocast runs; a CPU computes in fp32 (tests compare there)
+
+
+def autocast(device):
+    """The release's bf16 autocast on a GPU (METHOD.md §5); nothing on a CPU."""
+    device = torch.device(device)
+    return torch.autocast(device.type, torch.bfloat16) if device.type in AUTOCAST_DEVICES else nullcontext()
 
 
 def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, dtype):
@@ -54,7 +63,7 @@ def velocity(transformer, x, sigma, cond, guidance):
     floor(sigma * 1000) / 1000 (METHOD.md §3); guidance only where the model embeds it (FLUX.1-dev does)."""
     t = torch.full((x.shape[0],), math.floor(float(sigma) * 1000) / 1000, device=x.device)
     g = torch.full_like(t, guidance) if guidance is not None else None
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+    with autocast(x.device):
         v = transformer(hidden_states=x, timestep=t, guidance=g, return_dict=False, **cond)[0]
     return v.float()
 
@@ -89,7 +98,7 @@ def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
         block.set_reshard_after_forward(False)
     sigmas = sigma_schedule(steps, shift)
     x = noise
-    with torch.autocast("cuda", torch.bfloat16, enabled=noise.device.type == "cuda"):
+    with autocast(noise.device):
         for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), desc="rollout", leave=False,
                                       disable=not progress):
             x = euler_step(x, velocity(transformer, x, sigma, cond, guidance), sigma, sigma_next)
@@ -103,7 +112,7 @@ def decode(vae, x, resolution):
     """Packed latents -> images in [0, 1]: unpack, undo the VAE's shift/scale, decode, clamp(img/2 + 0.5)."""
     latents = FluxPipeline._unpack_latents(x, resolution, resolution, 2 ** (len(vae.config.block_out_channels) - 1))
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+    with autocast(x.device):
         image = vae.decode(latents, return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1)
 

@@ -211,6 +211,35 @@ def test_rollout_refuses_an_enclosing_autocast_region(tiny_parts):
         flux.rollout(new_transformer(), noise, cond, 2, 3.0, 1.0)
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # the CPU's rms_norm under autocast
+def test_with_autocast_a_rollout_casts_each_weight_once_and_a_step_after_it_trains_every_weight(tiny_parts,
+                                                                                                 monkeypatch):
+    """The GPU path on a CPU: bf16 autocast on (the CPU's, caching as CUDA's does), fp32 weights as under DDP,
+    checkpointing on. The rollout casts each weight once, not once per step; the step after it gives every weight
+    a gradient (METHOD.md §7: no cast made without gradient outlives the rollout)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    new_transformer, vae, reward, cond = tiny_parts
+    transformer = new_transformer()
+    transformer.enable_gradient_checkpointing()
+    weights = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
+    casts = []
+
+    class Casts(TorchDispatchMode):  # below autograd: every copy autocast makes, and of what
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in weights:
+                casts.append(args[0].untyped_storage().data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(flux, "AUTOCAST_DEVICES", ("cuda", "cpu"))
+    noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with Casts():
+        x0 = flux.rollout(transformer, noise, cond, 4, 3.0, 1.0)
+    assert x0.dtype == torch.float32 and len(casts) == len(set(casts)) > len(weights) // 2
+    args = train.parse_args(["--resolution", "32"])
+    train.srpo_step(transformer, vae, reward, x0, noise, cond, "a cat", 0, torch.Generator().manual_seed(1), args)
+    assert all(p.grad is not None and p.grad.any() for p in transformer.parameters())
+
+
 def test_offline_mode_trains_on_the_vae_encoding_of_captioned_images(tmp_path, tiny_parts):
     from diffusers import FluxPipeline
     from diffusers.image_processor import VaeImageProcessor

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 import checkpoint
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
-from flux import (add_lora, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint, latent_noise,
-                  rollout, transformer_on_meta, velocity)
+from flux import (add_lora, autocast, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint,
+                  latent_noise, rollout, transformer_on_meta, velocity)
 from inputs import (SEED, SIZE, T5_TOKENS, check_ranges, fail, load_image, read_captioned_images, read_prompts,
                     run_command)
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
@@ -222,7 +222,7 @@ def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generato
         p, n = (pos, neg) if name == "denoise" else (neg, pos)
         v = lambda x, s: velocity(transformer, x, s, cond, args.guidance)  # noqa: E731
         x0_hat = direct_align(v, x0, noise, sigma_from, sigma_to)
-        with torch.autocast("cuda", torch.bfloat16, enabled=x0.device.type == "cuda"):
+        with autocast(x0.device):
             r = reward.srp(decode(vae, x0_hat, args.resolution), [p], [n], k).float()
         loss = srpo_loss(r, args.threshold).mean() / len(names)
         (loss * loss_scale).backward()

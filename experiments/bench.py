@@ -37,7 +37,7 @@ import train
 from direct_align import (default_gap, direct_align, euler_step, inject_noise, predict_x0, sigma_schedule,
                           train_window)
 from experiments import plots
-from flux import add_lora, conditioning, decode, encode_prompts, latent_noise, rollout, velocity
+from flux import add_lora, autocast, conditioning, decode, encode_prompts, latent_noise, rollout, velocity
 from inputs import fail
 from srpo_reward import SRPReward, control_prompts, load_reward, srpo_loss
 
@@ -189,11 +189,6 @@ def load(args, dirs, lora_rank=0):
         transformer=transformer, vae=vae, reward=load_reward("hps", dirs.clip, device=device), optimizer=optimizer,
         cond=conditioning(embeds(CAPTION), args.resolution, device), targs=targs, device=device,
         res=args.resolution)
-
-
-def autocast(device):
-    """bf16 autocast on a GPU, as train.py's velocity, decode and reward run."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
 def reward(m, x0_hat, step):

@@ -44,7 +44,7 @@ import sample
 import train
 from experiments import bench
 from direct_align import euler_step, sigma_schedule
-from flux import add_lora, conditioning, decode, encode_prompts, latent_noise, rollout, velocity
+from flux import add_lora, autocast, conditioning, decode, encode_prompts, latent_noise, rollout, velocity
 from srpo_reward import control_prompts, load_reward
 from tiny import clip_tokenizer, tiny_model_paths
 
@@ -290,7 +290,7 @@ def block_costs(transformer, x, cond, targs, device, repeats):
     def train_block(block, args, kwargs):
         leaf = lambda t: t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t  # noqa
         args, kwargs = [leaf(a) for a in args], {k: leaf(v) for k, v in kwargs.items()}
-        with bench.autocast(device):
+        with autocast(device):
             outputs = checkpoint(block, *args, use_reentrant=False, **kwargs)
         sum(o.float().square().mean() for o in outputs).backward()
 
@@ -315,7 +315,7 @@ def fixed_costs(vae, reward, x, resolution, device, repeats):
         decode(vae, x.detach().requires_grad_(), resolution).mean().backward()
 
     def srp_reward():
-        with bench.autocast(device):
+        with autocast(device):
             r = reward.srp(image.detach().requires_grad_(), [pos], [neg], 0.1).float()
         r.sum().backward()
 
