@@ -48,11 +48,13 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
 FLUX_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
                 shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)  # vae/
-VIT_H_14 = dict(  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K: HPSv2.1's and PickScore's architecture
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K, HPSv2.1's and PickScore's architecture (open_clip's ViT-H-14: embed 1024;
+# vision 32 x 1280, head width 80, patch 14, 224 px; text 24 x 1024, 16 heads, 77 tokens; GELU, not QuickGELU)
+VIT_H_14 = dict(
     text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     vocab_size=49408, max_position_embeddings=77),
+                     vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"),
     vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                       patch_size=14, image_size=224),
+                       patch_size=14, image_size=224, hidden_act="gelu"),
     projection_dim=1024)
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # FLUX.1-dev, text_encoder_2/

@@ -42,18 +42,11 @@ from tqdm import tqdm
 
 import flux
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, train_window
+from experiments.bench import VIT_H_14
 from srpo_reward import SRPReward, control_prompts, srpo_loss
 from tiny import clip_tokenizer, tiny_model_paths
 from train import RECIPES, TINY_PROMPTS
 
-# laion/CLIP-ViT-H-14-laion2B-s32B-b79K (open_clip's ViT-H-14: embed 1024; vision 32 x 1280, head width 80,
-# patch 14, 224 px; text 24 x 1024, 16 heads, 77 tokens, vocab 49408; MLP ratio 4; GELU, not QuickGELU)
-VIT_H_14 = dict(
-    text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     max_position_embeddings=77, vocab_size=49408, hidden_act="gelu"),
-    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                       patch_size=14, image_size=224, hidden_act="gelu"),
-    projection_dim=1024)
 # FLUX.1-dev's block layout and head size (2 heads of 128, its rope axes, its text widths), 2 + 2 blocks
 WIDE_FLUX = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
                  num_attention_heads=2, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
