@@ -83,11 +83,10 @@ def check_weights(path, transformer):
     path, shapes = read_header("--weights", path, WEIGHTS_NAME)
     expected = {key: tuple(t.shape) for key, t in transformer.state_dict().items()}
     for key in sorted(expected.keys() | shapes.keys()):
-        if key not in expected:
-            fail(f"--weights {path}: {key} is not a key of this --model's transformer")
-        if shapes.get(key) != expected[key]:
-            fail(f"--weights {path}: {key} is {shapes.get(key, 'missing')}, expected {expected[key]} "
-                 f"for this --model's transformer")
+        if shapes.get(key) != expected.get(key):
+            what = f"is {shapes.get(key, 'missing')}, expected {expected[key]} for" if key in expected else \
+                "is not a key of"
+            fail(f"--weights {path}: {key} {what} this --model's transformer")
     return path
 
 
