@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inputs import fail, read_text
+from inputs import check_ranges, fail, read_text, run_command
 from srpo_reward import KINDS, load_reward
 
 RESAMPLES = 10_000  # bootstrap resamples: enough that the ends' Monte Carlo error is about 1% of the width
@@ -123,8 +123,8 @@ def main(argv=None):
     args = parse_args(argv)
     if len(args.dirs) > 2:
         fail(f"DIR: got {len(args.dirs)} folders; expected one, or two (base, then SRPO)")
-    if not 1 <= args.batch_size <= 1024:  # the images of a batch are decoded and held at once, at full size
-        fail(f"--batch-size {args.batch_size}: expected 1 to 1024 images per reward forward")
+    check_ranges(args, [("batch_size", lambda v: 1 <= v <= 1024,  # a batch's images are decoded and held at once
+                         "1 to 1024 images per reward forward")])
     if len(set(args.reward)) != len(args.reward):
         fail(f"--reward {' '.join(args.reward)}: each reward at most once")
     records = {folder: read_records(folder) for folder in args.dirs}
@@ -181,4 +181,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "the same command scores the folders again")

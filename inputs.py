@@ -29,7 +29,7 @@ def fail(message, this_rank_only=False):
         print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
-    if rank and not this_rank_only:
+    if rank and not this_rank_only and "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun
         time.sleep(60)
     sys.exit(2)
 
@@ -50,6 +50,7 @@ def run_command(main, after_ctrl_c):
         os._exit(128 + signum)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, ctrl_c)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit then fails a write (an OSError), not the process
     try:
         try:
             main()

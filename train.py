@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 import warnings
 from collections import Counter
@@ -271,11 +270,9 @@ def save_weights(transformer, folder, rank):
         model.save_config(folder)
 
 
-def weights_finite(transformer, device):
-    """Whether every weight of every rank is finite (FSDP2: each rank checks its shards)."""
-    bad = sum(int(not torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
-              for p in transformer.parameters())
-    bad = torch.tensor(bad, device=device)
+def weights_finite(trainable):
+    """Whether every trained weight of every rank is finite (FSDP2: each rank checks its shards); one sync."""
+    bad = torch.stack([~torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in trainable]).sum()
     dist.all_reduce(bad)
     return bad.item() == 0
 
@@ -314,7 +311,6 @@ def main(argv=None):
         held, holder = checkpoint.lock(args.output_dir)
         if holder:
             fail(f"--output-dir {args.output_dir}: in use by another run ({holder}); wait for it, or pick another dir")
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit then fails a write (caught), not the process
 
     # distributed: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one, same code
     cuda = torch.cuda.is_available()
@@ -462,7 +458,7 @@ def main(argv=None):
                  f"the optimizer step; last good checkpoint: {last_checkpoint}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not weights_finite(transformer, device):  # nothing is saved from here on
+        if not weights_finite(trainable):  # nothing is saved from here on
             bar.close()
             fail(f"the weights became non-finite at step {step + 1} (loss {stats['loss']}, gradient norm "
                  f"{grad_norm.item()}): stopped before saving; last good checkpoint: {last_checkpoint}")
