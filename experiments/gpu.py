@@ -378,7 +378,7 @@ def anatomy(cfg, work, out):
         transformer.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=targs.lr, betas=tuple(targs.betas),
-                                  weight_decay=targs.weight_decay, eps=targs.adam_eps)
+                                  weight_decay=targs.weight_decay, eps=targs.adam_eps, foreach=True)  # as train.py
     noise = latent_noise(cfg.resolution, train.rng(0, "noise", 0), device)
     blocks = block_costs(transformer, noise, cond, targs, device, cfg.repeats)
     fixed = fixed_costs(vae, reward, noise, cfg.resolution, device, cfg.repeats)
@@ -831,6 +831,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = types.SimpleNamespace(**(TINY if args.tiny else GPU), tiny=args.tiny)
     if args.section:  # one section's process
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py: cuDNN attention's backward failed at this size
         dump(args.work, args.section, SECTION_FUNCTIONS[args.section](cfg, args.work, args.out))
         return
     if args.replan:
