@@ -89,7 +89,7 @@ def parse_args(argv=None):
     # optimization (METHOD.md §5)
     a("--batch-size", type=int, help="prompts per optimizer step over all ranks, accumulated one at a time on each; "
                                      "default 32 (the release: one on each of 32 GPUs), 2 on the tiny models")
-    a("--steps", type=int, default=20, help="optimizer steps (the release: about 20 on 32 GPUs)")
+    a("--steps", type=int, default=20, help="optimizer steps (the release's model has 19 updates: --steps 19)")
     a("--lr", type=float, help="default 5e-6 (the release's); 1e-4 with --lora-rank, whose B starts at zero")
     a("--betas", type=float, nargs=2, default=(0.9, 0.999))
     a("--weight-decay", type=float, default=1e-4)

@@ -280,19 +280,20 @@ def measure(args, dirs, method, k):
     first step's grads, AdamW states, activations: a CPU allocator keeps freed memory, so later steps show less)."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    m = load(args, dirs, lora_rank=k if method.endswith("_lora") else 0)
+    lora_rank = LORA_BENCH_RANK if method.endswith("_lora") else 0
+    m = load(args, dirs, lora_rank)
     held = reset_peak(m.device)
     train_step(m, method, k, 0)
     times = [timed(lambda: train_step(m, method, k, step), m.device) for step in range(1, args.repeats + 1)]
     peak = peak_mb(m.device)
-    return dict(method=method, k=k, time_s=statistics.median(times), times_s=times, peak_mem_mb=peak,
-                step_mem_mb=peak - held)
+    return dict(method=method, k=k, lora_rank=lora_rank, time_s=statistics.median(times), times_s=times,
+                peak_mem_mb=peak, step_mem_mb=peak - held)
 
 
 def step_costs(args, dirs):
     """Section 1: every method in its own process. The processes fork from a server that imported torch and
     diffusers once, which saves some 6 s of imports a method, and each still has its own peak memory."""
-    methods = [("direct_align", 1), ("direct_align_both", 2), ("direct_align_both_lora", LORA_BENCH_RANK),
+    methods = [("direct_align", 1), ("direct_align_both", 2), ("direct_align_both_lora", 2),
                ("refl", 1)] + [("draft", k) for k in args.draft_k]
     # a CUDA context does not survive a fork: spawn there, a forkserver with the imports done on a CPU
     context = multiprocessing.get_context("spawn" if args.device == "cuda" else "forkserver")
@@ -689,10 +690,10 @@ def main(argv=None):
         print("## 1. One training step (rollout, the steps with gradient, VAE decode, reward, AdamW)\n")
         steps = step_costs(args, dirs)
         names = dict(direct_align="Direct-Align, 1 branch", direct_align_both="Direct-Align, both branches",
-                     direct_align_both_lora="Direct-Align, both branches, LoRA rank {k}", refl="ReFL",
+                     direct_align_both_lora="Direct-Align, both branches, LoRA rank {lora_rank}", refl="ReFL",
                      draft="DRaFT-{k}")
         table(["method", "steps with grad", "time s", "x Direct-Align", "peak MiB", "step MiB", "x Direct-Align"],
-              [[names[r["method"]].format(**r), 2 if r["method"].endswith("_lora") else r["k"], f"{r['time_s']:.3f}", f"{r['time_ratio']:.2f}",
+              [[names[r["method"]].format(**r), r["k"], f"{r['time_s']:.3f}", f"{r['time_ratio']:.2f}",
                 f"{r['peak_mem_mb']:.0f}", f"{r['step_mem_mb']:.0f}", f"{r['mem_ratio']:.2f}"] for r in steps])
         print("peak: the process's peak " + ("allocated GPU memory" if device.type == "cuda" else "resident memory")
               + " over its steps; step: that peak above what it held before them (grads, AdamW states, "

@@ -78,7 +78,7 @@ SECTIONS = (("models", 45, 150), ("train-fsdp", 50, 150), ("train-ddp", 50, 150)
             ("stability", 60, 150))
 CAPTION = bench.CAPTION
 TOLERANCE = 0.15                     # a plan term off by more than this is flagged, to be fixed
-RELEASE_BATCH, RELEASE_STEPS = 32, 20
+RELEASE_BATCH, RELEASE_STEPS = 32, 19  # the release's model: saved at step 20, before that step's update
 # Dense bf16 tensor TFLOP/s by NVIDIA's spec sheets: the paper's H20 against the H100 / H200 SXM.
 H20_TFLOPS, H100_TFLOPS = 148, 989
 
@@ -699,7 +699,7 @@ def report(cfg, r):
     if bench_r.get("steps"):
         lines += [f"## 4. bench.py: one training step per method (median of {bench_r['repeats']})", ""]
         lines += md_table(["method", "steps with grad", "time s", "x Direct-Align", "step MiB", "x Direct-Align"],
-                          [[row["method"], 2 if row["method"].endswith("_lora") else row["k"], num(row["time_s"]),
+                          [[row["method"], row["k"], num(row["time_s"]),
                             num(row["time_ratio"], ".2f"), num(row["step_mem_mb"], ".0f"), num(row["mem_ratio"], ".2f")]
                            for row in bench_r["steps"]])
     if stable:
@@ -741,7 +741,7 @@ def report(cfg, r):
                   "Per-block costs above times the blocks FLUX.1-dev adds, plus this model's measured phases; the "
                   f"last column multiplies by train.py's FSDP step over the bare step measured here "
                   f"({num(factor, '.2f')}). One prompt per rollout; batch {RELEASE_BATCH}, {RELEASE_STEPS} steps "
-                  "as the release. FSDP's communication is not included (below).", ""]
+                  "as behind the release's model (METHOD.md §5). FSDP's communication is not included (below).", ""]
         rows = [["rollout per prompt, s", num(ex["rollout_s"], ".1f"), scaled(ex["rollout_s"])],
                 ["two branches per prompt, s", num(ex["branches_s"], ".1f"), scaled(ex["branches_s"])]]
         for gpus, g in ex["gpus"].items():

@@ -144,7 +144,7 @@ def test_quick_run_writes_every_table_and_the_json(tmp_path):
     result = json.load(open(tmp_path / "bench.json"))
     steps = result["steps"]
     assert [(s["method"], s["k"]) for s in steps] == [("direct_align", 1), ("direct_align_both", 2),
-                                                      ("direct_align_both_lora", bench.LORA_BENCH_RANK), ("refl", 1),
+                                                      ("direct_align_both_lora", 2), ("refl", 1),
                                                       ("draft", 1), ("draft", 3)]
     assert all(s["time_s"] > 0 and s["peak_mem_mb"] > 0 and len(s["times_s"]) == 1 for s in steps)
     assert steps[0]["time_ratio"] == 1  # its time over itself: x / x is exactly 1

@@ -65,7 +65,7 @@ def test_extrapolation_adds_each_missing_block_at_its_measured_cost():
     for gpus, prompts in ((8, 4), (32, 1)):
         g = ex["gpus"][gpus]
         assert g["step_s"] == pytest.approx(prompts * ex["prompt_s"] + ex["optimizer_one_gpu_s"] / gpus)
-        assert g["minutes"] == pytest.approx(20 * g["step_s"] / 60)
+        assert g["minutes"] == pytest.approx(19 * g["step_s"] / 60)  # the release's 19 updates
         assert g["memory_plan"] == bench.rank_memory(11_901_408_320, gpus, "fsdp", [DOUBLE] * 19 + [SINGLE] * 38,
                                                      gpu.frozen_bytes(CFG, results()["models"]),
                                                      results()["plan"])["total_checkpointed"]
