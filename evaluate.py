@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inputs import check_ranges, fail, read_text, run_command
+from inputs import check_clip_h, check_ranges, fail, read_text, run_command
 from srpo_reward import KINDS, load_reward
 
 RESAMPLES = 10_000  # bootstrap resamples: enough that the ends' Monte Carlo error is about 1% of the width
@@ -82,6 +82,7 @@ def load_rewards(kinds, paths, clip_h, device):
     if paths and len(paths) != len(kinds):
         fail(f"--reward-path: got {len(paths)} for --reward {' '.join(kinds)}; expected one per "
              f"--reward in the same order, or none (the tiny reward)")
+    check_clip_h(clip_h, dict(zip(kinds, paths)))
     if not paths:  # the tiny random CLIP for every kind
         from tiny import tiny_model_paths
         paths, clip_h = [tiny_model_paths()[1]] * len(kinds), None
@@ -138,6 +139,10 @@ def main(argv=None):
             if first[file]["prompt"] != second[file]["prompt"]:
                 fail(f"{file}: its prompt differs between {args.dirs[0]} and {args.dirs[1]}; expected "
                      f"two sample.py runs of one prompt list")
+    if args.json:  # written at the end: its folder is made now, so no scoring is lost to a missing one
+        if os.path.isdir(args.json):
+            fail(f"--json {args.json}: a folder (expected a file name to write the numbers to)")
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 on both: the numbers should not depend on it
     rewards = load_rewards(args.reward, args.reward_path, args.clip_h, device)
 

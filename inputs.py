@@ -82,6 +82,17 @@ def check_ranges(args, ranges):
             fail(f"--{name.replace('_', '-')} {' '.join(map(str, values))}: expected {expected}")
 
 
+def check_clip_h(clip_h, reward_paths):
+    """--clip-h: a folder with a config.json when given, and given where a --reward-path ({kind: path}) is an
+    HPSv2.1 checkpoint file, which holds weights only (its config and tokenizer are CLIP-H's)."""
+    expected = "the laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder: HPSv2.1's config and tokenizer"
+    if clip_h is not None and not os.path.isfile(os.path.join(clip_h, "config.json")):
+        fail(f"--clip-h {clip_h}: no config.json in it (expected {expected})")
+    hps_file = reward_paths.get("hps")
+    if clip_h is None and hps_file and os.path.isfile(hps_file):
+        fail(f"--reward-path {hps_file}: an HPSv2.1 checkpoint needs --clip-h ({expected})")
+
+
 def read_text(path, flag, what):
     """The UTF-8 text of a file (a leading byte-order mark dropped), or one line naming the flag (if any), the file,
     its line and the problem."""
@@ -102,6 +113,8 @@ def read_text(path, flag, what):
 def read_prompts(path, flag="--prompts"):
     """A prompt list: a .json list of strings (HPDv2's format), else one prompt per non-blank line, UTF-8."""
     what = "a .txt file with one prompt per line, or a .json list of strings"
+    if path.lower().endswith(".jsonl"):  # sample.py's prompts.jsonl, say: its lines would be trained as captions
+        fail(f"{flag} {path}: a .jsonl file (expected {what})")
     text = read_text(path, flag, what)
     if path.lower().endswith(".json"):
         try:

@@ -157,7 +157,11 @@ def load_hps(checkpoint, clip_h_dir):
     _check_path(checkpoint, "HPS_v2.1_compressed.pt, the HPSv2.1 checkpoint")
     _check_path(os.path.join(clip_h_dir or "", "config.json"),
                 "a laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder for HPS's config and tokenizer")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or no torch file: torch.load then raises one of many kinds
+        raise ValueError(f"{checkpoint}: not a readable torch checkpoint ({type(e).__name__}; expected "
+                         f"HPS_v2.1_compressed.pt)") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{checkpoint}: expected an HPSv2.1 checkpoint, a dict with key 'state_dict'")
     try:

@@ -392,6 +392,64 @@ def test_bad_numbers_and_files_stop_train_py_before_anything_loads(tmp_path, cap
     assert not out.exists()  # every check ran before the lock, the text cache, any model
 
 
+def test_damaged_model_and_reward_files_and_conflicting_flags_are_one_line(tmp_path, capsys):
+    from tiny import tiny_model_paths
+    flux, clip = tiny_model_paths()
+    (tmp_path / "p.txt").write_text("a cat\n")
+
+    def error(*argv):
+        return in_process_error(train.main, [*FAST, "--steps", "1", "--output-dir", tmp_path / "out", *argv], capsys)
+    model = tmp_path / "flux"
+    shutil.copytree(flux, model)
+    weights = model / "transformer" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:3000])  # a download cut short: read under FSDP2, one tensor at a time
+    real = ["--prompts", tmp_path / "p.txt", "--reward-path", clip]
+    assert error("--model", model, *real).startswith(f"--model {model}: cannot load its transformer/ (")
+    assert error("--model", model, *real, "--strategy", "ddp").startswith(f"--model {model}: cannot load its "
+                                                                           f"transformer/ (")
+    shutil.rmtree(model / "vae")
+    assert error("--model", model, *real).startswith(f"--model {model}: cannot load its vae/ (")
+    for index in ("{not json", "[1]", "{}"):
+        (model / "model_index.json").write_text(index)
+        assert error("--model", model, *real) == f"--model {model}: model_index.json does not name a FLUX pipeline " \
+                                                 f"(expected _class_name FluxPipeline)"
+    torch.save({"state_dict": {}}, tmp_path / "hps.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "hps.pt").read_bytes()[:300])
+    assert error("--reward-path", tmp_path / "cut.pt", "--clip-h", clip) == \
+        f"{tmp_path}/cut.pt: not a readable torch checkpoint (RuntimeError; expected HPS_v2.1_compressed.pt)"
+    assert error("--reward-path", tmp_path / "hps.pt").startswith(
+        f"--reward-path {tmp_path}/hps.pt: an HPSv2.1 checkpoint needs --clip-h (the laion/CLIP-ViT-H-14")
+    assert error("--reward-path", tmp_path / "hps.pt", "--clip-h", tmp_path / "nope").startswith(
+        f"--clip-h {tmp_path}/nope: no config.json in it")
+    assert error("--lora-rank", "4", "--lora-alpha", "0").startswith("--lora-alpha 0.0: expected a positive alpha")
+    images = tmp_path / "images"
+    images.mkdir()
+    assert error("--prompts", tmp_path / "p.txt", "--image-dir", images).startswith("--prompts and --image-dir:")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n')
+    assert error("--prompts", tmp_path / "p.jsonl").startswith(f"--prompts {tmp_path}/p.jsonl: a .jsonl file")
+
+
+def test_resume_refuses_what_cannot_continue_names_changed_flags_and_drops_cut_metrics(tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main([*FAST, "--steps", "2", "--output-dir", str(out), "--lr", "1e-3"])
+    dist.destroy_process_group() if dist.is_initialized() else None
+
+    def resume(*argv):
+        return [*FAST, "--output-dir", out, "--resume", "--lr", "1e-3", *argv]
+    assert in_process_error(train.main, resume("--steps", "1"), capsys) == \
+        f"--steps 1: {out} already holds checkpoint-2; expected at least 2"
+    assert in_process_error(train.main, resume("--steps", "3", "--lora-rank", "4"), capsys) == \
+        f"--lora-rank 4: the checkpoints in {out} were trained with --lora-rank 0; resume with that"
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss"')  # a crash mid-line
+    capsys.readouterr()
+    train.main([str(a) for a in resume("--steps", "3", "--lr", "5e-4")])
+    dist.destroy_process_group() if dist.is_initialized() else None
+    assert "resumed with changed flags: --lr 0.001 -> 0.0005\n" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+    assert json.load(open(out / "args.json"))["lr"] == 5e-4
+
+
 def test_numbers_that_overflow_in_float32_or_a_seed_are_refused_before_anything_loads(tmp_path, capsys):
     def error(*argv):
         return in_process_error(train.main, [*FAST, "--output-dir", tmp_path / "out", *argv], capsys)

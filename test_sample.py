@@ -223,7 +223,7 @@ def reference_scores(clip_dir, folder):
 
 def test_scores_equal_clip_forward_and_pairs_are_by_file(tiny, compare, tmp_path):
     base, srpo = compare / "base", compare / "srpo"
-    out = tmp_path / "scores.json"
+    out = tmp_path / "new" / "scores.json"  # its folder is made before the scoring
     evaluate.main([str(base), str(srpo), "--reward", "hps", "pickscore", "clip", "--json", str(out)])
     result = json.loads(out.read_text())
     # Two code paths (srpo_reward against CLIPModel's forward) over unit embeddings: a score's fp32 rounding is
@@ -338,6 +338,11 @@ def test_evaluate_bad_inputs_give_one_line_errors(tiny, samples, compare, tmp_pa
     assert error(str(samples), "--reward", "hps", "--reward-path", str(tmp_path / "HPS_v2.1_compressed.pt")) == \
         f"--reward-path for hps: {tmp_path}/HPS_v2.1_compressed.pt: not found (expected HPS_v2.1_compressed.pt, " \
         "the HPSv2.1 checkpoint)"
+    torch.save({"state_dict": {}}, tmp_path / "hps.pt")
+    assert error(str(samples), "--reward-path", str(tmp_path / "hps.pt")).startswith(
+        f"--reward-path {tmp_path}/hps.pt: an HPSv2.1 checkpoint needs --clip-h")
+    assert error(str(samples), "--json", str(tmp_path)) == \
+        f"--json {tmp_path}: a folder (expected a file name to write the numbers to)"
     assert error(str(samples), "--reward", "hps", "clip", "--reward-path", tiny[1]).startswith(
         "--reward-path: got 1 for --reward hps clip; expected one per --reward in the same order")
     assert error(str(samples), "--reward", "clip", "clip") == "--reward clip clip: each reward at most once"

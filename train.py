@@ -6,7 +6,7 @@ CPU, tiny random models (built offline on first use, a couple of minutes at most
 One node, 8 GPUs, FLUX.1-dev + HPSv2.1 with the release's recipe (METHOD.md §3-§5): 32 prompts a step, each GPU
 accumulating 4 of them:
     torchrun --nproc_per_node=8 train.py --model ./FLUX.1-dev --reward hps \
-        --reward-path ./hps_ckpt/HPS_v2.1_compressed.pt --clip-h ./CLIP-ViT-H-14-laion2B-s32B-b79K \
+        --reward-path ./HPS_v2.1_compressed.pt --clip-h ./CLIP-ViT-H-14-laion2B-s32B-b79K \
         --prompts ./prompts.txt --output-dir out/srpo-hps
 Four nodes, 32 GPUs, one prompt each, the same recipe: the same flags, on every node
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_HOST:29500 train.py ...
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -40,8 +41,8 @@ import checkpoint
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
 from flux import (add_lora, autocast, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint,
                   latent_noise, rollout, transformer_on_meta, velocity)
-from inputs import (SEED, SIZE, T5_TOKENS, check_ranges, fail, load_image, read_captioned_images, read_prompts,
-                    run_command)
+from inputs import (SEED, SIZE, T5_TOKENS, check_clip_h, check_ranges, fail, load_image, read_captioned_images,
+                    read_prompts, run_command)
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
 
 # FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
@@ -160,15 +161,26 @@ def check_inputs(args):
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size}: must be a positive multiple of the {world} ranks (each accumulates "
              f"batch-size / ranks prompts)")
-    if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        fail(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
-    if args.model and not json.load(open(os.path.join(args.model, "model_index.json")))["_class_name"] \
-            .startswith("Flux"):
-        fail(f"--model {args.model}: model_index.json does not name a FLUX pipeline")
-    if args.model and not (args.prompts or args.image_dir):
-        fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
-    if args.model and not args.reward_path:
-        fail("--model needs --reward-path (HPS_v2.1_compressed.pt, or a PickScore / CLIP folder)")
+    if args.lora_rank and not args.lora_alpha > 0:
+        fail(f"--lora-alpha {args.lora_alpha}: expected a positive alpha with --lora-rank (0 would train nothing)")
+    if args.prompts and args.image_dir:
+        fail("--prompts and --image-dir: expected one of them, prompts to roll out or captioned images (offline)")
+    if args.model:
+        index = os.path.join(args.model, "model_index.json")
+        if not os.path.isfile(index):
+            fail(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+        try:
+            pipeline = json.load(open(index, "rb")).get("_class_name")
+        except (ValueError, AttributeError):  # not JSON, or not an object
+            pipeline = None
+        if not str(pipeline).startswith("Flux"):
+            fail(f"--model {args.model}: model_index.json does not name a FLUX pipeline (expected _class_name "
+                 f"FluxPipeline)")
+        if not (args.prompts or args.image_dir):
+            fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
+        if not args.reward_path:
+            fail("--model needs --reward-path (HPS_v2.1_compressed.pt, or a PickScore / CLIP folder)")
+    check_clip_h(args.clip_h, {args.reward: args.reward_path})
     complete = checkpoint.complete_steps(args.output_dir)
     if complete and not args.resume:
         fail(f"--output-dir {args.output_dir} holds checkpoint-{complete[0]}: pass --resume, or another dir")
@@ -179,6 +191,23 @@ def read_data(args):
     if args.image_dir:
         return read_captioned_images(args.image_dir, args.resolution)
     return (read_prompts(args.prompts) if args.prompts else TINY_PROMPTS), None
+
+
+def saved_args(output_dir):
+    """The args.json of the run that wrote output_dir's checkpoints; {} if there is none to read."""
+    try:
+        saved = json.load(open(os.path.join(output_dir, "args.json"), "rb"))
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def metrics_step(line):
+    """The step of a metrics.jsonl line; 0 for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def rng(*key):
@@ -229,6 +258,15 @@ def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generato
         out.update({f"reward_{name}": r.item(), f"sigma_{name}_from": sigma_from, f"sigma_{name}_to": sigma_to,
                     f"k_{name}": k})
     return out
+
+
+@contextmanager
+def loading(model, part):
+    """A part of --model that is missing or damaged (a download cut short, say) ends the run with one line."""
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        fail(f"--model {model}: cannot load its {part}/ ({str(e).splitlines()[0]})")
 
 
 @contextmanager
@@ -331,6 +369,12 @@ def main(argv=None):
     start, broken = checkpoint.newest_intact(args.output_dir, rank, world) if args.resume else (0, None)
     if broken:
         fail(broken)
+    before = saved_args(args.output_dir) if start else {}  # the flags of the run that wrote the checkpoints
+    if start > args.steps:
+        fail(f"--steps {args.steps}: {args.output_dir} already holds checkpoint-{start}; expected at least {start}")
+    if before.get("lora_rank", args.lora_rank) != args.lora_rank:  # its state would not fit the model
+        fail(f"--lora-rank {args.lora_rank}: the checkpoints in {args.output_dir} were trained with --lora-rank "
+             f"{before['lora_rank']}; resume with that")
 
     # models: the real ones, or tiny random ones written once and loaded through the same from_pretrained
     if not args.model:
@@ -345,17 +389,17 @@ def main(argv=None):
         reward = load_reward(args.reward, args.reward_path, args.clip_h, device)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
+    with loading(args.model, "vae"):
+        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
     # fp32 master weights (METHOD.md §5). FSDP2: built on the meta device, each block one all-gather unit, then
     # the root; then each rank fills only its shards from the checkpoint, so no rank ever holds the full model.
     # DDP needs the full copy anyway: loaded straight onto this rank's device. With LoRA the base is frozen, in
     # bf16 on a GPU, and only the fp32 adapters train.
     base_dtype = torch.bfloat16 if args.lora_rank and cuda else torch.float32
-    if args.strategy == "fsdp":
-        transformer = transformer_on_meta(args.model)
-    else:
-        transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=base_dtype,
-                                                             device_map=str(device))
+    with loading(args.model, "transformer"):
+        transformer = transformer_on_meta(args.model) if args.strategy == "fsdp" else \
+            FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=base_dtype,
+                                                   device_map=str(device))
     if args.lora_rank:
         add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed)
     transformer.train()
@@ -376,7 +420,8 @@ def main(argv=None):
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             fully_shard(block, mp_policy=mp)
         fully_shard(transformer, mp_policy=mp)
-        fill_from_checkpoint(transformer.to_empty(device=device), args.model, lora_seed=args.seed)
+        with loading(args.model, "transformer"):
+            fill_from_checkpoint(transformer.to_empty(device=device), args.model, lora_seed=args.seed)
     else:
         transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None,
                                               gradient_as_bucket_view=True)  # no second copy of the gradients
@@ -407,14 +452,20 @@ def main(argv=None):
     if start:
         checkpoint.load(transformer, optimizer, os.path.join(args.output_dir, f"checkpoint-{start}"))
         say(f"resumed from {args.output_dir}/checkpoint-{start} (verified against its manifest)")
+    now = json.loads(json.dumps(vars(args)))  # as args.json holds them: tuples as lists
+    changed = [k for k in now if k in before and before[k] != now[k] and k not in ("resume", "steps")]
+    if changed:  # allowed (a lower --lr for the rest of a run, say), but never unnoticed
+        say("resumed with changed flags: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {now[k]}"
+                                                       for k in changed))
     if master:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump(now, f, indent=2)
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start] \
+        kept = [line.rstrip("\n") + "\n" for line in open(metrics_path, errors="replace")
+                if 0 < metrics_step(line) <= start] \
             if start and os.path.isfile(metrics_path) else []
-        with open(metrics_path, "w") as f:  # drop lines of steps a crash lost: they are redone
+        with open(metrics_path, "w") as f:  # drop lines of steps a crash lost, or cut short: they are redone
             f.writelines(kept)
     if args.sample_every and start == 0:
         save_samples(transformer, vae, sample_noise, conditioning(embeds(sample_caption), args.resolution, device),
