@@ -752,7 +752,7 @@ def report(cfg, r):
                      [f"{gpus} GPUs: memory per rank, plan (GiB)", gib(g["memory_plan"]), ""]]
         lines += md_table(["FLUX.1-dev, extrapolated", "bare model", "x train.py overhead"], rows)
         minutes = ex["gpus"][32]["minutes"] * (factor or 1)
-        lines += [f"The paper: about 10 minutes on 32 H20 GPUs (press coverage of the paper). An H20 is not this "
+        lines += [f"Press coverage of the paper: about 10 minutes on 32 H20 GPUs. An H20 is not this "
                   f"GPU: about {H20_TFLOPS} dense bf16 TFLOP/s against {H100_TFLOPS} for an H100 or H200 (NVIDIA's "
                   f"spec sheets), so compute-bound parts run up to {H100_TFLOPS / H20_TFLOPS:.1f}x longer there: "
                   f"{minutes:.1f} min here would be up to {minutes * H100_TFLOPS / H20_TFLOPS:.0f} min on H20s, "
