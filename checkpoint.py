@@ -153,12 +153,17 @@ def save(transformer, optimizer, step, output_dir, publish, rank, world):
 
 
 def verify(path, rank, world):
-    """None if every file of the checkpoint folder matches its manifest, else what is wrong, in a few words."""
+    """None if every file of the checkpoint folder matches its manifest, else what is wrong, in a few words. The
+    manifest's step must be the folder's N: a checkpoint copied or renamed by hand would resume at the wrong step."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
-            manifest = {name: (int(size), str(digest)) for name, (size, digest) in json.load(f)["files"].items()}
+            saved = json.load(f)
+        step = int(saved["step"])
+        manifest = {name: (int(size), str(digest)) for name, (size, digest) in saved["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"no readable {MANIFEST}"
+    if os.path.basename(os.path.normpath(path)) != f"checkpoint-{step}":
+        return f"its {MANIFEST} is checkpoint-{step}'s: a copy, or renamed"
     problems = {}
     names = sorted(manifest)
     for name in names[rank::world]:
@@ -199,9 +204,13 @@ def newest_intact(output_dir, rank, world):
 
 
 def load(transformer, optimizer, path):
-    """Model and AdamW states from a verified checkpoint, each rank reading its shards."""
+    """Model and AdamW states from a verified checkpoint, each rank reading its shards. A checkpoint of another
+    model or LoRA rank (a tensor missing or of another shape) is one line."""
     state = {"model": get_model_state_dict(transformer, options=TRAINED),
              "optimizer": get_optimizer_state_dict(transformer, optimizer)}
-    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
-    set_model_state_dict(transformer, state["model"], options=TRAINED)
-    set_optimizer_state_dict(transformer, optimizer, state["optimizer"])
+    try:
+        dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+        set_model_state_dict(transformer, state["model"], options=TRAINED)
+        set_optimizer_state_dict(transformer, optimizer, state["optimizer"])
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
+        fail(f"--resume: {path} does not fit this --model and --lora-rank ({one_line(e)})")

@@ -10,7 +10,8 @@ The real reward models, one --reward-path per --reward, in the same order:
 
 Each folder needs the prompts.jsonl that sample.py writes; the score of an image is srpo_reward.py's plain
 score (METHOD.md §4) of the image and its prompt. Two folders are paired by file name (sample.py names image i
-of the prompt list NNNNN.png and gives it seed + i in both folders), and the pairs must share the prompt:
+of the prompt list NNNNN.png and gives it seed + i in both folders), and a pair must share its prompt and
+sample.py's settings (seed, size, steps, guidance, T5 length):
     d_i = score(DIR2 image i) - score(DIR1 image i)
     win rate = mean(d_i > 0) + 0.5 * mean(d_i == 0)         (a tie counts half)
     mean diff = mean(d_i), its 95% interval = the 2.5 and 97.5 percentiles of the means of 10,000 resamples
@@ -28,6 +29,8 @@ from inputs import check_clip_h, check_ranges, fail, read_text, run_command
 from srpo_reward import KINDS, load_reward
 
 RESAMPLES = 10_000  # bootstrap resamples: enough that the ends' Monte Carlo error is about 1% of the width
+# What a pair must share besides its prompt: sample.py's settings of the image (the weights are what differs)
+PAIRED = ("prompt", "seed", "height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
 
 
 def parse_args(argv=None):
@@ -63,8 +66,8 @@ def read_records(folder):
     return records
 
 
-def load_images(paths):
-    """The images as one float tensor (B, 3, H, W) in [0, 1]."""
+def load_images(paths, size=None):
+    """The images as one float tensor (B, 3, H, W) in [0, 1], all of one size: size (H, W), if given."""
     images = []
     for path in paths:
         try:
@@ -72,7 +75,7 @@ def load_images(paths):
                 images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
         except Exception as e:  # a damaged file: PIL's decoders raise OSError, SyntaxError, EOFError, struct.error...
             fail(f"{path}: cannot open as an image ({type(e).__name__}: {e})".splitlines()[0])
-    if len({im.shape for im in images}) > 1:
+    if len({tuple(im.shape[1:]) for im in images} | ({tuple(size)} if size else set())) > 1:
         fail(f"{os.path.dirname(paths[0])}: images of different sizes; expected one sample.py run")
     return torch.stack(images).float() / 255
 
@@ -100,10 +103,11 @@ def load_rewards(kinds, paths, clip_h, device):
 @torch.no_grad()
 def score_folder(reward, folder, records, batch_size):
     """srpo_reward's plain score of each image with its prompt, in the order of records (METHOD.md §4)."""
-    scores = []
+    scores, size = [], None
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
-        images = load_images([os.path.join(folder, r["file"]) for r in batch]).to(reward.model.device)
+        images = load_images([os.path.join(folder, r["file"]) for r in batch], size).to(reward.model.device)
+        size = images.shape[-2:]  # the first batch's: every later one must match it
         scores.append(reward.score(images, [r["prompt"] for r in batch]).float().cpu())
     return torch.cat(scores)
 
@@ -136,9 +140,10 @@ def main(argv=None):
             fail(f"{args.dirs[0]} and {args.dirs[1]}: no image file name in both; expected two "
                  f"sample.py runs of one prompt list")
         for file in files:
-            if first[file]["prompt"] != second[file]["prompt"]:
-                fail(f"{file}: its prompt differs between {args.dirs[0]} and {args.dirs[1]}; expected "
-                     f"two sample.py runs of one prompt list")
+            key = next((k for k in PAIRED if first[file].get(k) != second[file].get(k)), None)
+            if key:
+                fail(f"{file}: its {key} differs between {args.dirs[0]} and {args.dirs[1]}; expected "
+                     f"two sample.py runs of one prompt list with the same settings")
     if args.json:  # written at the end: its folder is made now, so no scoring is lost to a missing one
         if os.path.isdir(args.json):
             fail(f"--json {args.json}: a folder (expected a file name to write the numbers to)")

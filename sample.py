@@ -67,13 +67,18 @@ def parse_args(argv=None):
 
 def read_header(flag, path, name):
     """(the file, {key: shape}) from a safetensors file's header alone, so a bad file fails before any image is
-    made; a folder stands for its file `name`, as train.py writes it."""
+    made; a folder stands for its file `name`, as train.py writes it. Integer tensors would be cast to weights
+    silently: refused."""
     path = os.path.join(path, name) if os.path.isdir(path) else path
     if not os.path.isfile(path):
         fail(f"{flag} {path}: not found (expected {name} or a folder holding it)")
     try:
         with safe_open(path, "pt") as f:
-            return path, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            header = {key: f.get_slice(key) for key in f.keys()}
+            for key, part in header.items():
+                if not part.get_dtype().startswith(("F", "BF")):  # F64 ... F8_E4M3, BF16; not I8, U8, BOOL
+                    fail(f"{flag} {path}: {key} is {part.get_dtype()} (expected floating-point weights)")
+            return path, {key: tuple(part.get_shape()) for key, part in header.items()}
     except (SafetensorError, OSError) as e:
         fail(f"{flag} {path}: not a safetensors file ({e})")
 
@@ -117,11 +122,15 @@ def render(pipe, records, out_dir, rank, world_size):
     for r in records:
         path = os.path.join(out_dir, r["file"])
         if os.path.exists(path):  # complete: an image is only ever renamed into place
-            with Image.open(path) as im:
-                key = next((k for k, v in r.items() if im.text.get(k) != str(v)), None)
-                if key:
-                    fail(f"{path}: already made with {key}={im.text.get(key)!r}, this run has {r[key]!r}; use "
-                         f"another --output-dir for other settings")
+            try:
+                with Image.open(path) as im:
+                    im.load()  # PNG text after the pixels is read only then
+                    key = next((k for k, v in r.items() if im.text.get(k) != str(v)), None)
+            except (OSError, SyntaxError, ValueError) as e:  # damaged since: a disk, a copy, a hand
+                fail(f"{path}: cannot read it as an image ({e}); remove it and rerun to make it again")
+            if key:
+                fail(f"{path}: already made with {key}={im.text.get(key)!r}, this run has {r[key]!r}; use "
+                     f"another --output-dir for other settings")
             done.add(r["file"])
     mine = records[rank::world_size]
     todo = [r for r in mine if r["file"] not in done]

@@ -448,6 +448,13 @@ def test_resume_refuses_what_cannot_continue_names_changed_flags_and_drops_cut_m
     assert "resumed with changed flags: --lr 0.001 -> 0.0005\n" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
     assert json.load(open(out / "args.json"))["lr"] == 5e-4
+    os.remove(out / "args.json")  # no record of the run's flags: the checkpoint itself does not fit
+    assert in_process_error(train.main, resume("--steps", "4", "--lora-rank", "4"), capsys).startswith(
+        f"--resume: {out}/checkpoint-3 does not fit this --model and --lora-rank (RuntimeError: Missing key")
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-9")  # by hand: it would resume at step 9
+    assert in_process_error(train.main, resume("--steps", "10"), capsys).startswith(
+        f"--resume: {out}/checkpoint-9 is broken (its manifest.json is checkpoint-2's: a copy, or renamed); the "
+        f"newest intact one is checkpoint-3.")
 
 
 def test_numbers_that_overflow_in_float32_or_a_seed_are_refused_before_anything_loads(tmp_path, capsys):

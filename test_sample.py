@@ -3,6 +3,7 @@
 and every bad input's one-line message. CPU only. Run: python -m pytest -q test_sample.py"""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -313,7 +314,9 @@ def test_sample_bad_inputs_give_one_line_errors(tiny, samples, weights, prompts_
     for change, expected in ((lambda s: s.pop(key), f"{key} is missing, expected"),
                              (lambda s: s.update({key: s[key][:1]}),
                               f"{key} is {tuple(state[key][:1].shape)}, expected {tuple(state[key].shape)}"),
-                             (lambda s: s.update({"extra.weight": torch.zeros(2)}), "extra.weight is not a key")):
+                             (lambda s: s.update({"extra.weight": torch.zeros(2)}), "extra.weight is not a key"),
+                             (lambda s: s.update({key: (100 * s[key]).to(torch.int8)}),  # would be cast silently
+                              f"{key} is I8 (expected floating-point weights)")):
         bad = dict(state)
         change(bad)
         save_file(bad, str(tmp_path / "bad.safetensors"))
@@ -323,6 +326,11 @@ def test_sample_bad_inputs_give_one_line_errors(tiny, samples, weights, prompts_
     msg = error("--prompts", prompts_file, "--output-dir", str(samples), "--seed", "8")
     assert msg == f"{samples}/00000.png: already made with seed='7', this run has 8; use another --output-dir " \
                   "for other settings"
+    shutil.copytree(samples, tmp_path / "cut")
+    png = tmp_path / "cut" / "00001.png"
+    png.write_bytes(png.read_bytes()[:len(png.read_bytes()) // 2])  # damaged after it was made: a disk, a copy
+    assert error("--prompts", prompts_file, "--output-dir", str(tmp_path / "cut")).startswith(
+        f"{png}: cannot read it as an image (")
 
 
 def test_evaluate_bad_inputs_give_one_line_errors(tiny, samples, compare, tmp_path, capsys):
@@ -350,6 +358,13 @@ def test_evaluate_bad_inputs_give_one_line_errors(tiny, samples, compare, tmp_pa
     assert error(str(samples), str(tmp_path)).startswith(f"{samples} and {tmp_path}: no image file name in both")
     (tmp_path / "prompts.jsonl").write_text('{"file": "00000.png", "prompt": "a dog"}\n')
     assert error(str(samples), str(tmp_path)).startswith(f"00000.png: its prompt differs between {samples} and")
+    records = [json.loads(line) for line in open(samples / "prompts.jsonl")]
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(dict(records[0], height=128)) + "\n")
+    assert error(str(samples), str(tmp_path)).startswith(f"00000.png: its height differs between {samples} and")
+    shutil.copytree(samples, tmp_path / "mixed")
+    Image.new("RGB", (32, 32)).save(tmp_path / "mixed" / records[-1]["file"])  # not in the first batch of 1
+    assert error(str(tmp_path / "mixed"), "--batch-size", "1") == \
+        f"{tmp_path}/mixed: images of different sizes; expected one sample.py run"
     assert error(str(samples), str(samples), str(samples)).startswith("DIR: got 3 folders")
 
 

@@ -46,6 +46,7 @@ import train
 from experiments import bench
 from direct_align import euler_step, sigma_schedule
 from flux import add_lora, autocast, conditioning, decode, encode_prompts, latent_noise, rollout, velocity
+from inputs import fail
 from srpo_reward import control_prompts, load_reward
 from tiny import clip_tokenizer, tiny_model_paths
 
@@ -737,7 +738,8 @@ def report(cfg, r):
     if ex:
         factor = ex["train_py_over_bare"]
         scaled = lambda x: num(x * factor, ".1f") if factor else "n/a"  # noqa: E731
-        lines += [f"## 7. EXTRAPOLATED to FLUX.1-dev ({ex['params'] / 1e9:.1f}B, 19 + 38 blocks): not measured", "",
+        lines += [f"## 7. EXTRAPOLATED to FLUX.1-dev's 19 + 38 blocks at this width ({ex['params'] / 1e9:.1f}B): not "
+                  "measured", "",
                   "Per-block costs above times the blocks FLUX.1-dev adds, plus this model's measured phases; the "
                   f"last column multiplies by train.py's FSDP step over the bare step measured here "
                   f"({num(factor, '.2f')}). One prompt per rollout; batch {RELEASE_BATCH}, {RELEASE_STEPS} steps "
@@ -835,7 +837,13 @@ def main(argv=None):
         dump(args.work, args.section, SECTION_FUNCTIONS[args.section](cfg, args.work, args.out))
         return
     if args.replan:
-        r = json.load(open(args.replan))
+        try:
+            r = json.load(open(args.replan))
+        except (OSError, ValueError) as e:
+            fail(f"--replan {args.replan}: cannot read it ({getattr(e, 'strerror', None) or e}; expected a gpu.json "
+                 f"this script wrote)")
+        if not (isinstance(r, dict) and {"date", "notes", "models"} <= r.keys()):
+            fail(f"--replan {args.replan}: expected a gpu.json this script wrote")
         r["plan"] = plan_terms(cfg, None, None)
         r["notes"]["plan"] = f"the plan column recomputed on {datetime.date.today().isoformat()} on a CPU; every " \
                              f"measurement is the run's of {r['date']}"

@@ -134,6 +134,17 @@ def test_printed_commands_run_in_bash_and_the_root_scripts_accept_them(world, tm
                                                                            "clip": world["judge"]}
 
 
+def test_the_readme_shows_the_commands_that_build_prints(world):
+    """experiments/README.md's block, run in bash with its W set to this world, passes what commands() returns."""
+    readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
+    block = readme[readme.index("W=~/.cache/srpo-toy/seed0\n"):]
+    block = block[block.index("\n"):block.index("```")]
+    done = subprocess.run(["bash", "-c", 'python() { printf "%s\\0" "$@"; printf "\\n"; }\n'
+                           f'W={os.path.dirname(world["flux"])}\n{block}'], capture_output=True, text=True, check=True)
+    assert [line.split("\0")[:-1] for line in done.stdout.splitlines()] == \
+        [argv[1:] for argv in toy_world.commands(world)]
+
+
 def test_paths_prints_the_commands_or_fails_in_one_line(world, tmp_path, capsys):
     root = os.path.dirname(os.path.dirname(world["flux"]))
     toy.main(["paths", "--root", root, "--quick"])
