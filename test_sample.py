@@ -174,16 +174,17 @@ def test_two_ranks_make_the_same_images_as_one(tiny, samples, prompts_file, tmp_
     assert (out / "prompts.jsonl").read_text() == (samples / "prompts.jsonl").read_text()
 
 
-def test_rerun_skips_existing_images_and_redoes_missing_ones(samples, prompts_file, capsys):
-    before = {name: os.stat(samples / name).st_mtime_ns for name in ("00000.png", "00002.png")}
-    first = pixels(samples / "00001.png")
-    os.remove(samples / "00001.png")
-    (samples / "00001.png.tmp").write_bytes(b"half an image from a killed job")
+def test_rerun_skips_existing_images_and_redoes_missing_ones(samples, prompts_file, tmp_path, capsys):
+    out = shutil.copytree(samples, tmp_path / "samples")  # the fixture's folder stays whole for the other tests
+    before = {name: os.stat(out / name).st_mtime_ns for name in ("00000.png", "00002.png")}
+    os.remove(out / "00001.png")
+    (out / "00001.png.tmp").write_bytes(b"half an image from a killed job")
     capsys.readouterr()
-    sample.main(["--prompts", prompts_file, "--output-dir", str(samples), *ARGS])
+    sample.main(["--prompts", prompts_file, "--output-dir", str(out), *ARGS])
     assert "1 images rendered, 2 already there" in capsys.readouterr().out
-    assert {name: os.stat(samples / name).st_mtime_ns for name in before} == before
-    assert np.array_equal(pixels(samples / "00001.png"), first) and not (samples / "00001.png.tmp").exists()
+    assert {name: os.stat(out / name).st_mtime_ns for name in before} == before
+    assert np.array_equal(pixels(out / "00001.png"), pixels(samples / "00001.png"))
+    assert not (out / "00001.png.tmp").exists()
 
 
 def test_compare_renders_base_and_srpo_with_the_same_seeds_side_by_side(tiny, samples, weights, compare):

@@ -12,7 +12,6 @@ import torch
 
 import flux
 import train
-from inputs import SIZE
 from srpo_reward import load_reward
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -79,7 +78,7 @@ def test_world_size_and_strategy_are_invisible_to_the_math(batch_runs):
         # (measured 6e-9 relative, so 1e-4); a rank's prompts left out of the mean move it by ~1e-2.
         # k_denoise: a float64 mean of the same per-prompt k's, summed in another order (~1e-16 apart), so approx's
         # 1e-6 relative; a prompt that drew another t* moves it by ~1e-2 relative.
-        for a, b in zip(rows(name), rows("fsdp-1")):
+        for a, b in zip(rows(name), rows("fsdp-1"), strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["k_denoise"] == pytest.approx(b["k_denoise"])
     row = rows("fsdp-2")[0]
     assert [r["step"] for r in rows("fsdp-2")] == [1, 2] and row["reward_inversion"] is not None
@@ -332,7 +331,8 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
 def test_bad_input_prints_no_traceback():
     done = run_train("--resolution", "100")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == f"error: --resolution 100: expected {SIZE[1]}"
+    assert done.stderr.strip() == "error: --resolution 100: expected a multiple of 16 from 16 to 4096 (FLUX packs 2x2 " \
+                                  "patches of the 8x downsampled latent; 4096 px is already 65,536 image tokens)"
 
 
 # ---------------------------------------------------------------- LoRA

@@ -38,7 +38,10 @@ def test_smooth_lowers_sharpness_and_keeps_what_the_caption_says():
     n = torch.arange(len(images))
     cx, cy = scenes["cx"].long(), scenes["cy"].long()
     torch.testing.assert_close(blurred[n, :, cy, cx], images[n, :, cy, cx], atol=1e-3, rtol=0)
-    torch.testing.assert_close(blurred[:, :, 0, 0], images[:, :, 0, 0], atol=1e-6, rtol=0)
+    # the corner lies in the flat background: its blur is a convex combination of equal values, off by fp32 rounding
+    # over the kernel's taps relative to the value (measured 1.2e-7); a blur that did not replicate the edge would
+    # move it by the background's contrast to the padding
+    torch.testing.assert_close(blurred[:, :, 0, 0], images[:, :, 0, 0], atol=0, rtol=1e-5)
     inside = lambda x: ((x - images[n, :, cy, cx][..., None, None]).abs().sum(1)  # noqa: E731
                         < (x - images[:, :, :1, :1]).abs().sum(1))
     iou = (inside(blurred) & inside(images)).sum((1, 2)) / (inside(blurred) | inside(images)).sum((1, 2))
