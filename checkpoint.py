@@ -34,7 +34,7 @@ MANIFEST = "manifest.json"
 TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-HELD = {}  # output_dir -> this process's lock file
+HELD = {}  # output_dir's real path -> this process's lock file
 
 
 def lock(output_dir):
@@ -42,8 +42,9 @@ def lock(output_dir):
     The kernel releases the lock when its process dies, however it dies, so a killed run never blocks its
     resume; the file keeps who held it last, for the message. A process runs one train.main at a time, so a lock
     it still holds from an earlier one (ended by an error) is let go first."""
-    if output_dir in HELD:
-        HELD.pop(output_dir).close()
+    key = os.path.realpath(output_dir)  # one folder, however it is spelled
+    if key in HELD:
+        HELD.pop(key).close()
     try:
         os.makedirs(output_dir, exist_ok=True)
         f = open(os.path.join(output_dir, ".lock"), "a+")
@@ -57,7 +58,7 @@ def lock(output_dir):
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
-    HELD[output_dir] = f
+    HELD[key] = f
     return f, None
 
 

@@ -449,7 +449,7 @@ def test_resume_refuses_what_cannot_continue_names_changed_flags_and_drops_cut_m
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss"')  # a crash mid-line
     capsys.readouterr()
-    train.main([str(a) for a in resume("--steps", "3", "--lr", "5e-4")])
+    train.main([str(a) for a in resume("--steps", "3", "--lr", "5e-4", "--output-dir", f"{out}/")])  # same folder
     dist.destroy_process_group() if dist.is_initialized() else None
     assert "resumed with changed flags: --lr 0.001 -> 0.0005\n" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]

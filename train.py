@@ -453,7 +453,7 @@ def main(argv=None):
         checkpoint.load(transformer, optimizer, os.path.join(args.output_dir, f"checkpoint-{start}"))
         say(f"resumed from {args.output_dir}/checkpoint-{start} (verified against its manifest)")
     now = json.loads(json.dumps(vars(args)))  # as args.json holds them: tuples as lists
-    changed = [k for k in now if k in before and before[k] != now[k] and k not in ("resume", "steps")]
+    changed = [k for k in now if k in before and before[k] != now[k] and k not in ("resume", "steps", "output_dir")]
     if changed:  # allowed (a lower --lr for the rest of a run, say), but never unnoticed
         say("resumed with changed flags: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {now[k]}"
                                                        for k in changed))
