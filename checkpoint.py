@@ -58,8 +58,22 @@ def lock(output_dir):
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
+    os.fsync(f.fileno())  # other nodes read it (unshared), through a network filesystem's cache
     HELD[key] = f
     return f, None
+
+
+def unshared(output_dir, world):
+    """None if every rank sees the folder rank 0 locked, else the first rank that does not, and its host. Several
+    nodes need a filesystem they share: each rank writes its shards of a checkpoint there, rank 0 its manifest."""
+    try:
+        with open(os.path.join(output_dir, ".lock")) as f:
+            seen = f.read()  # who holds it, and since when: rank 0's words, unless this is another folder
+    except OSError:
+        seen = None
+    views = [None] * world
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    return next((f"rank {r} on {host}" for r, (text, host) in enumerate(views) if text != views[0][0]), None)
 
 
 def complete_steps(output_dir):

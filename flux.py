@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 from contextlib import nullcontext
 
 import torch
@@ -49,7 +50,7 @@ def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, d
             with torch.no_grad():
                 embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device,
                                                        max_sequence_length=max_sequence_length)
-            tmp = f"{path(prompt)}.{os.getpid()}.tmp"
+            tmp = f"{path(prompt)}.{socket.gethostname()}.{os.getpid()}.tmp"  # ranks of all nodes may write it
             save_file({"encoder_hidden_states": embeds.cpu(), "pooled_projections": pooled.cpu()}, tmp)
             os.replace(tmp, path(prompt))
         del pipe

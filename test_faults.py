@@ -73,11 +73,11 @@ runpy.run_module("train", run_name="__main__")  # as `python train.py ARGS` runs
 """
 
 
-def launch(*args, nproc=1, script="train.py", env=None, **kwargs):
+def launch(*args, nproc=1, script="train.py", env=None, cwd=ROOT, **kwargs):
     """train.py (or script) as a user starts it: python, or torchrun with nproc ranks."""
     # --standalone: a free port of its own, so runs beside other torchrun jobs do not collide on 29500
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    return subprocess.Popen([sys.executable, *launcher, script, *map(str, args)], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, *launcher, script, *map(str, args)], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}, **kwargs)
 
@@ -338,6 +338,23 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_runs_once_the_first_has_
     assert code == 0 and json.load(open(out / "args.json"))["seed"] == 2, output[-6000:]
     assert [r["step"] for r in rows(out)] == [1, 2, 3] and checkpoints(out) == ["checkpoint-3"]
     assert intact(out / "checkpoint-3")
+
+
+@pytest.mark.slow
+def test_an_output_dir_that_a_rank_does_not_share_is_one_line(tmp_path):
+    """Two nodes without a shared filesystem, played by two ranks that each chdir into a folder of their own: the
+    same relative --output-dir is then two folders, as a node-local disk would make it."""
+    (tmp_path / "own_folder_train.py").write_text(
+        "import os, runpy\n"
+        "os.makedirs(f\"rank{os.environ['RANK']}\", exist_ok=True)\n"
+        "os.chdir(f\"rank{os.environ['RANK']}\")\n"
+        "runpy.run_module('train', run_name='__main__')\n")
+    code, output = finish(launch(*FAST, "--output-dir", "out", nproc=2, script=str(tmp_path / "own_folder_train.py"),
+                                 cwd=tmp_path))
+    assert code != 0 and one_error(output) == f"--output-dir out: rank 1 on {socket.gethostname()} does not see the " \
+                                              f"folder rank 0 writes; on several nodes it must be on a filesystem " \
+                                              f"they all share"
+    assert os.listdir(tmp_path / "rank0" / "out") == [".lock"]  # found before anything was written
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ accumulating 4 of them:
     torchrun --nproc_per_node=8 train.py --model ./FLUX.1-dev --reward hps \
         --reward-path ./HPS_v2.1_compressed.pt --clip-h ./CLIP-ViT-H-14-laion2B-s32B-b79K \
         --prompts ./prompts.txt --output-dir out/srpo-hps
-Four nodes, 32 GPUs, one prompt each, the same recipe: the same flags, on every node
+Four nodes, 32 GPUs, one prompt each, the same recipe: the same flags, on every node (--output-dir on a shared disk)
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_HOST:29500 train.py ...
 One GPU: LoRA adapters of rank 64 on a frozen bf16 base (about 35 GiB by the memory plan)
     torchrun --nproc_per_node=1 train.py --model ./FLUX.1-dev --lora-rank 64 --strategy ddp ...
@@ -366,6 +366,10 @@ def main(argv=None):
     master = rank == 0
     torch.manual_seed(args.seed + rank)  # METHOD.md §5; the draws that matter use rng(...) below
     say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
+    stranger = checkpoint.unshared(args.output_dir, world)
+    if stranger:
+        fail(f"--output-dir {args.output_dir}: {stranger} does not see the folder rank 0 writes; on several nodes it "
+             f"must be on a filesystem they all share")
     start, broken = checkpoint.newest_intact(args.output_dir, rank, world) if args.resume else (0, None)
     if broken:
         fail(broken)
