@@ -123,8 +123,7 @@ def render(pipe, records, out_dir, rank, world_size):
         path = os.path.join(out_dir, r["file"])
         if os.path.exists(path):  # complete: an image is only ever renamed into place
             try:
-                with Image.open(path) as im:
-                    im.load()  # PNG text after the pixels is read only then
+                with Image.open(path) as im:  # im.text decodes the whole file: a damaged one fails here
                     key = next((k for k, v in r.items() if im.text.get(k) != str(v)), None)
             except (OSError, SyntaxError, ValueError) as e:  # damaged since: a disk, a copy, a hand
                 fail(f"{path}: cannot read it as an image ({e}); remove it and rerun to make it again")
