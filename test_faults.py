@@ -318,7 +318,7 @@ def test_weights_that_become_non_finite_stop_the_run_before_saving(tmp_path, cap
 
 # ---------------------------------------------------------------- one run per output folder
 
-def test_a_second_run_on_a_folder_in_use_is_refused_and_runs_once_the_first_has_ended(tmp_path):
+def test_a_second_run_on_a_folder_in_use_is_refused_and_runs_once_the_first_has_ended(tmp_path, capsys):
     out, paused = tmp_path / "out", tmp_path / "paused"
     (tmp_path / "pausing_train.py").write_text(PAUSING_TRAIN)
     argv = [*FAST, "--steps", "3", "--checkpoint-every", "0", "--output-dir", out]
@@ -328,14 +328,13 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_runs_once_the_first_has_
     while not paused.exists():
         assert first.poll() is None and time.time() < deadline, finish(first)[1][-6000:]
         time.sleep(0.05)
-    code, output = finish(launch(*argv, "--seed", "2"))
-    assert code == 2 and one_error(output).startswith(f"--output-dir {out}: in use by another run (pid {first.pid} "
-                                                      f"on {socket.gethostname()}, since ")
+    assert in_process_error(train.main, [*argv, "--seed", "2"], capsys).startswith(
+        f"--output-dir {out}: in use by another run (pid {first.pid} on {socket.gethostname()}, since ")
     assert json.load(open(out / "args.json"))["seed"] == 1  # the second run wrote nothing here
     first.kill()  # however the first ends, the kernel lets go of its lock
     finish(first)
-    code, output = finish(launch(*argv, "--seed", "2"))
-    assert code == 0 and json.load(open(out / "args.json"))["seed"] == 2, output[-6000:]
+    train.main([str(a) for a in [*argv, "--seed", "2"]])
+    assert json.load(open(out / "args.json"))["seed"] == 2
     assert [r["step"] for r in rows(out)] == [1, 2, 3] and checkpoints(out) == ["checkpoint-3"]
     assert intact(out / "checkpoint-3")
 
