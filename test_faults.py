@@ -30,7 +30,7 @@ import evaluate
 import sample
 import train
 from inputs import load_image
-from test_train import close_updates, dcp_state
+from test_train import close_updates, dcp_state, train_here
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
@@ -333,7 +333,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_runs_once_the_first_has_
     assert json.load(open(out / "args.json"))["seed"] == 1  # the second run wrote nothing here
     first.kill()  # however the first ends, the kernel lets go of its lock
     finish(first)
-    train.main([str(a) for a in [*argv, "--seed", "2"]])
+    train_here(*argv, "--seed", "2")
     assert json.load(open(out / "args.json"))["seed"] == 2
     assert [r["step"] for r in rows(out)] == [1, 2, 3] and checkpoints(out) == ["checkpoint-3"]
     assert intact(out / "checkpoint-3")

@@ -9,6 +9,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import flux
 import train
@@ -30,7 +31,11 @@ def run_train(*args, nproc=1):
 def train_here(*args):
     """train.py on one rank in this process: the same main(), without a new process's seconds of imports. For runs
     whose point is the math; what a process prints or how it ends is tested with run_train."""
-    train.main([str(a) for a in args])
+    try:
+        train.main([str(a) for a in args])
+    finally:  # a failed run would leave its process group to the next test
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def dcp_state(checkpoint):
