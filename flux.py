@@ -183,8 +183,9 @@ LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.ad
 
 
 def initial_lora(name, shape, seed):
-    """An adapter's start, the same on every rank and strategy: lora_A ~ N(0, 1 / rank) (peft's "gaussian"), from a
-    generator seeded by the parameter's name; lora_B = 0, so training starts from the base model."""
+    """An adapter's start, the same on every rank and strategy: lora_A normal with standard deviation 1 / rank
+    (peft's "gaussian"), from a generator seeded by the parameter's name; lora_B = 0, so training starts from the
+    base model."""
     if ".lora_B." in name:
         return torch.zeros(shape)
     digest = int(hashlib.sha256(f"{seed}|{name}".encode()).hexdigest()[:15], 16)
