@@ -39,6 +39,8 @@ def test_scenes_are_what_their_captions_say():
     assert toy_world.scene_captions(scenes, ["control", None])[0] == "bright. a red circle on a white background"
     images = toy_world.render(scenes)
     assert images.shape == (2, 3, 64, 64)
+    # away from edges the mask is 0 or 1, so a pixel is its palette color times the light to fp32 rounding (1e-7);
+    # allclose allows 1e-5 of it; another palette color is off by 0.1 or more in some channel
     assert torch.allclose(images[0, :, 32, 32], torch.tensor(toy_world.COLORS["red"]))
     assert torch.allclose(images[0, :, 2, 2], torch.tensor(toy_world.BACKGROUNDS["white"]))
     assert torch.allclose(images[1, :, 32, 32], 0.4 * torch.tensor(toy_world.COLORS["blue"]))
