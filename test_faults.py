@@ -244,7 +244,7 @@ def test_corrupted_or_truncated_newest_checkpoint_is_refused_and_the_intact_one_
         assert rows(out) == rows(reference)
     # moved aside as the message says, the run resumes from checkpoint-4 (on one rank now) and redoes 5 and 6
     os.rename(cut / "checkpoint-6", cut / "broken-checkpoint-6")
-    train.main([*RUN, "--output-dir", str(cut), "--resume"])
+    train_here(*RUN, "--output-dir", cut, "--resume")
     assert checkpoints(cut) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"] and intact(cut / "checkpoint-6")
     assert [r["step"] for r in rows(cut)] == [1, 2, 3, 4, 5, 6] and rows(cut)[:4] == rows(reference)[:4]
     start, ref, got = (dcp_state(folder)["model"] for folder in (reference / "checkpoint-4",
@@ -453,8 +453,7 @@ def test_damaged_model_and_reward_files_and_conflicting_flags_are_one_line(tmp_p
 
 def test_resume_refuses_what_cannot_continue_names_changed_flags_and_drops_cut_metrics(tmp_path, capsys):
     out = tmp_path / "out"
-    train.main([*FAST, "--steps", "2", "--output-dir", str(out), "--lr", "1e-3"])
-    dist.destroy_process_group() if dist.is_initialized() else None
+    train_here(*FAST, "--steps", "2", "--output-dir", out, "--lr", "1e-3")
 
     def resume(*argv):
         return [*FAST, "--output-dir", out, "--resume", "--lr", "1e-3", *argv]
@@ -465,8 +464,7 @@ def test_resume_refuses_what_cannot_continue_names_changed_flags_and_drops_cut_m
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss"')  # a crash mid-line
     capsys.readouterr()
-    train.main([str(a) for a in resume("--steps", "3", "--lr", "5e-4", "--output-dir", f"{out}/")])  # same folder
-    dist.destroy_process_group() if dist.is_initialized() else None
+    train_here(*resume("--steps", "3", "--lr", "5e-4", "--output-dir", f"{out}/"))  # the same folder
     assert "resumed with changed flags: --lr 0.001 -> 0.0005\n" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
     assert json.load(open(out / "args.json"))["lr"] == 5e-4
@@ -517,8 +515,8 @@ def test_prompt_files_train_their_strings_in_train_py_and_sample_py(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffa red car on a street\r\na cat\r\n".encode())  # as Windows' Notepad
     assert read_prompts(str(tmp_path / "bom.txt")) == ["a red car on a street", "a cat"]
     # train.py: the caption of the first sample grid (rank 0 samples the first prompt) is the JSON's first string
-    train.main([*FAST, "--steps", "1", "--sample-every", "1", "--prompts", str(tmp_path / "prompts.json"),
-                "--output-dir", str(tmp_path / "train")])
+    train_here(*FAST, "--steps", "1", "--sample-every", "1", "--prompts", tmp_path / "prompts.json", "--output-dir",
+               tmp_path / "train")
     assert (tmp_path / "train" / "samples" / "step-000000.txt").read_text() == "a red car on a street\n"
     # sample.py: one image per string
     sample.main(["--prompts", str(tmp_path / "prompts.json"), "--output-dir", str(tmp_path / "sample"), "--height",
