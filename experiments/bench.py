@@ -291,8 +291,9 @@ def measure(args, dirs, method, k):
 
 
 def step_costs(args, dirs):
-    """Section 1: every method in its own process. The processes fork from a server that imported torch and
-    diffusers once, which saves some 6 s of imports a method, and each still has its own peak memory."""
+    """Section 1, a row per method as each is done: every method in its own process. The processes fork from a
+    server that imported torch and diffusers once, which saves some 6 s of imports a method, and each still has its
+    own peak memory. Ratios are to the first row, Direct-Align with one branch."""
     methods = [("direct_align", 1), ("direct_align_both", 2), ("direct_align_both_lora", 2),
                ("refl", 1)] + [("draft", k) for k in args.draft_k]
     # a CUDA context does not survive a fork: spawn there, a forkserver with the imports done on a CPU
@@ -300,12 +301,12 @@ def step_costs(args, dirs):
     if args.device != "cuda":
         context.set_forkserver_preload(["__main__", "train"])
     with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
-        rows = [pool.submit(measure, args, dirs, method, k).result() for method, k in methods]
-    base = rows[0]
-    for row in rows:
-        row["time_ratio"] = row["time_s"] / base["time_s"]
-        row["mem_ratio"] = row["step_mem_mb"] / base["step_mem_mb"]
-    return rows
+        base = None
+        for method, k in methods:
+            row = pool.submit(measure, args, dirs, method, k).result()
+            base = base or row
+            yield dict(row, time_ratio=row["time_s"] / base["time_s"],
+                       mem_ratio=row["step_mem_mb"] / base["step_mem_mb"])
 
 
 # ----------------------------------------------------------------------------------------- 2. gradient stability
@@ -688,7 +689,7 @@ def main(argv=None):
               f"checkpointing {'on' if args.gradient_checkpointing else 'off'}; median of {args.repeats}\n")
 
         print("## 1. One training step (rollout, the steps with gradient, VAE decode, reward, AdamW)\n")
-        steps = step_costs(args, dirs)
+        steps = list(step_costs(args, dirs))
         names = dict(direct_align="Direct-Align, 1 branch", direct_align_both="Direct-Align, both branches",
                      direct_align_both_lora="Direct-Align, both branches, LoRA rank {lora_rank}", refl="ReFL",
                      draft="DRaFT-{k}")

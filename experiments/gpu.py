@@ -4,12 +4,12 @@ image, and from the per-block numbers an extrapolation to FLUX.1-dev's 19 + 38 b
 
 A bare one-GPU machine with torch, transformers and accelerate; diffusers and ftfy (HPS's prompt cleaning) travel
 as wheels in .whl/ (`python -m pip download --no-deps -d .whl diffusers==0.42.1 ftfy wcwidth` where there is a
-network). About 8 minutes on an H100 by the sections' estimates (the H200 ran the first seven in 3), never more
-than 9; results are written after every section:
+network). About 8 minutes on an H100 (it ran every section but the bench in 3), never more than 9; results are
+written after every section (and the bench's and the stability table's after every row):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
         export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 -m experiments.gpu --out $OUT
-Some sections only (the models are always written first), e.g. what results/gpu-h200.md lacks, about 4 minutes:
-    ... python3 -m experiments.gpu --out $OUT --sections train-lora anatomy rollout stability
+Some sections only (the models are always written first), e.g. what results/gpu-h100.md lacks, about 5 minutes:
+    ... python3 -m experiments.gpu --out $OUT --sections bench
 CPU, tiny sizes, every section end to end (about 2 minutes on 2 cores; memory is read on a GPU only):
     python -m experiments.gpu --tiny --out out/gpu-tiny
 
@@ -72,11 +72,12 @@ TINY = dict(
     sample_flags=["--height", "64", "--width", "64", "--num-inference-steps", "8", "--max-sequence-length", "32"],
     sample_images=1, bench_flags=["--repeats", "1", "--sigmas", "0.9", "0.5", "0.1"], stability_samples=1,
     budget_s=900, deadline_s=1200)
-# Each section's name, its seconds on an H100 (estimated: a section is skipped when it would end past the budget)
-# and the seconds after which it is stopped.
-SECTIONS = (("models", 45, 150), ("train-fsdp", 50, 150), ("train-ddp", 50, 150), ("train-lora", 50, 150),
-            ("anatomy", 40, 150), ("rollout", 40, 120), ("sample", 30, 120), ("bench", 100, 200),
-            ("stability", 60, 150))
+# Each section's name, its seconds on an H100 (the H100 run's in results/ rounded up; bench's a guess: it was stopped
+# there at 200 s; a section is skipped when it would end past the budget) and the seconds after which it is stopped.
+# The bench, the longest, runs last.
+SECTIONS = (("models", 35, 150), ("train-fsdp", 35, 150), ("train-ddp", 35, 150), ("train-lora", 35, 150),
+            ("anatomy", 35, 150), ("rollout", 35, 120), ("sample", 35, 120), ("stability", 35, 150),
+            ("bench", 200, 300))
 CAPTION = bench.CAPTION
 TOLERANCE = 0.15                     # a plan term off by more than this is flagged, to be fixed
 RELEASE_BATCH, RELEASE_STEPS = 32, 19  # the release's model: saved at step 20, before that step's update
@@ -441,13 +442,15 @@ def rollout_vs_pipeline(cfg, work, out):
             lambda: rollout(master, noise, cond, n, targs.shift, targs.rollout_guidance)
     for fn in runs.values():
         fn()
-    times = {key: [] for key in runs}
+    times, host = {key: [] for key in runs}, {key: [] for key in runs}
     for _ in range(cfg.repeats):
         for key, fn in runs.items():
-            times[key].append(bench.timed(fn, device))
+            t0 = time.perf_counter()  # and when fn returns, its kernels queued: the host's part
+            times[key].append(bench.timed(lambda: (fn(), host[key].append(time.perf_counter() - t0)), device))
     median = {key: statistics.median(t) for key, t in times.items()}
     ours, theirs = list(median.values())[:2]
-    return dict(steps=n, resolution=cfg.resolution, seconds=median, times=times, ours_over_pipeline=ours / theirs)
+    return dict(steps=n, resolution=cfg.resolution, seconds=median, times=times, ours_over_pipeline=ours / theirs,
+                host_seconds={key: statistics.median(t) for key, t in host.items()})
 
 
 def sample_speed(cfg, work, out):
@@ -488,10 +491,14 @@ def bench_args(cfg, work, out):
 
 def bench_steps(cfg, work, out):
     """experiments/bench.py's section 1 on this script's models and size: the step cost of Direct-Align (one and
-    both branches, and with LoRA), ReFL and DRaFT-K."""
+    both branches, and with LoRA), ReFL and DRaFT-K; each method's row is saved as soon as it is done."""
     args, dirs = bench_args(cfg, work, out)
-    return dict(repeats=args.repeats, draft_k=args.draft_k, rollout_steps=args.rollout_steps,
-                steps=bench.step_costs(args, dirs))
+    result = dict(repeats=args.repeats, draft_k=args.draft_k, rollout_steps=args.rollout_steps, steps=[])
+    for row in bench.step_costs(args, dirs):
+        result["steps"].append(row)
+        print(f"bench: {row['method']} {row['k']} done", flush=True)
+        dump(work, "bench", result)
+    return result
 
 
 def stability(cfg, work, out):
@@ -715,8 +722,11 @@ def report(cfg, r):
         pipeline = list(ro["seconds"].values())[1]
         lines += [f"## 5. Rollout against FluxPipeline's loop: {ro['steps']} steps, {ro['resolution']}px, latents out",
                   ""]
-        lines += md_table(["loop", "s per rollout", "/ FluxPipeline"],
-                          [[k, num(v), num(v / pipeline, ".3f")] for k, v in ro["seconds"].items()])
+        host = ro.get("host_seconds", {})
+        lines += md_table(["loop", "s per rollout", "/ FluxPipeline", "host s (until queued)"],
+                          [[k, num(v), num(v / pipeline, ".3f"), num(host.get(k))] for k, v in ro["seconds"].items()])
+        lines += ["Host s: until the loop returned with its kernels queued; near the rollout's seconds, the loop is "
+                  "bound by launching kernels, and the host's speed decides its time.", ""]
         lines += [f"flux.rollout / FluxPipeline on the same weights: {ro['ours_over_pipeline']:.3f} "
                   f"({'not slower' if ro['ours_over_pipeline'] <= 1.02 else 'SLOWER'}, 2% for noise).", ""]
         t = list(ro["seconds"].values())
