@@ -147,6 +147,9 @@ def test_quick_run_writes_every_table_and_the_json(tmp_path):
                                                       ("draft", 1), ("draft", 3)]
     assert all(s["time_s"] > 0 and s["peak_mem_mb"] > 0 and len(s["times_s"]) == 1 for s in steps)
     assert steps[0]["time_ratio"] == 1  # its time over itself: x / x is exactly 1
+    # every row against the first (rows arrive one by one): the same one division, so exactly equal
+    assert all(s["time_ratio"] == s["time_s"] / steps[0]["time_s"] and
+               s["mem_ratio"] == s["step_mem_mb"] / steps[0]["step_mem_mb"] for s in steps)
     assert len(result["stability"]) == 10 and all(r["grad_v_one_step"] > 0 for r in result["stability"])
     assert result["overhead"]["ratio"] > 0 and len(result["overhead"]["parts_s"]) == 5
     assert Image.open(tmp_path / "plot.png").size == (2 * 640, 300)  # section 2's two panels, through plots.py
