@@ -494,11 +494,7 @@ def bench_steps(cfg, work, out):
     both branches, and with LoRA), ReFL and DRaFT-K; each method's row is saved as soon as it is done."""
     args, dirs = bench_args(cfg, work, out)
     result = dict(repeats=args.repeats, draft_k=args.draft_k, rollout_steps=args.rollout_steps, steps=[])
-    for row in bench.step_costs(args, dirs):
-        result["steps"].append(row)
-        print(f"bench: {row['method']} {row['k']} done", flush=True)
-        dump(work, "bench", result)
-    return result
+    return saved_by_row(work, "bench", result, result["steps"], bench.step_costs(args, dirs), ("method", "k"))
 
 
 def stability(cfg, work, out):
@@ -506,11 +502,19 @@ def stability(cfg, work, out):
     sigma's row is saved as soon as it is done, so a section stopped at its time limit keeps what it measured."""
     args, dirs = bench_args(cfg, work, out)
     result = dict(samples=cfg.stability_samples, rows=[])
-    for row in bench.stability(args, bench.load(args, dirs), samples=cfg.stability_samples):
-        result["rows"].append(row)
-        print(f"stability: sigma {row['sigma']:.2f} done", flush=True)
-        dump(work, "stability", result)
+    rows = bench.stability(args, bench.load(args, dirs), samples=cfg.stability_samples)
+    saved_by_row(work, "stability", result, result["rows"], rows, ("sigma",))
     bench.plot(result["rows"], args.plot)
+    return result
+
+
+def saved_by_row(work, name, result, into, rows, keys):
+    """Each of rows appended to into (a list in result) and result saved at once, so that a section stopped at its
+    time limit keeps the rows it finished; returns result."""
+    for row in rows:
+        into.append(row)
+        print(f"{name}: {' '.join(f'{k} {row[k]}' for k in keys)} done", flush=True)
+        dump(work, name, result)
     return result
 
 
