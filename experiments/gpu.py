@@ -4,8 +4,8 @@ image, and from the per-block numbers an extrapolation to FLUX.1-dev's 19 + 38 b
 
 A bare one-GPU machine with torch, transformers and accelerate; diffusers and ftfy (HPS's prompt cleaning) travel
 as wheels in .whl/ (`python -m pip download --no-deps -d .whl diffusers==0.42.1 ftfy wcwidth` where there is a
-network). About 8 minutes on an H100 (every section but the bench in 3.5, the bench in 3.6), never more than 9; results are
-written after every section (and the bench's and the stability table's after every row):
+network). About 8 minutes on an H100 (every section but the bench in 3.5, the bench in 3.6), never more than 9;
+results are written after every section (and the bench's and the stability table's after every row):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
         export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 -m experiments.gpu --out $OUT
 Some sections only (the models are always written first), e.g. the bench, about 4.5 minutes with the start:
