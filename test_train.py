@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import flux
 import train
+from srpo import srpo_step
 from srpo_reward import load_reward
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -198,14 +199,20 @@ def tiny_parts():
     return new_transformer, vae, reward, cond
 
 
+def step_on(transformer, vae, reward, x0, noise, cond, step, generator, *flags):
+    """srpo.srpo_step as train.py calls it, with the settings of train.py's flags at 32x32 plus flags."""
+    args = train.parse_args(["--resolution", "32", *flags])
+    return srpo_step(lambda x, s: flux.velocity(transformer, x, s, cond, args.guidance),
+                     lambda x: flux.decode(vae, x, 32), reward, x0, noise, "a cat", step, generator,
+                     **train.step_settings(args))
+
+
 def test_direct_align_step_sends_gradient_to_the_transformer_only(tiny_parts):
     new_transformer, vae, reward, cond = tiny_parts
     transformer = new_transformer()
-    args = train.parse_args(["--resolution", "32"])
     noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
     x0 = flux.rollout(transformer, noise, cond, 3, 3.0, 1.0)
-    out = train.srpo_step(transformer, vae, reward, x0, noise, cond, "a cat", 0, torch.Generator().manual_seed(1),
-                          args)
+    out = step_on(transformer, vae, reward, x0, noise, cond, 0, torch.Generator().manual_seed(1))
     assert set(out) >= {"loss", "reward_denoise", "reward_inversion"} and out["loss"] > 0
     assert all(p.grad is not None for p in transformer.parameters())
     assert sum(p.grad.abs().sum() for p in transformer.parameters()) > 0
@@ -247,8 +254,7 @@ def test_with_autocast_a_rollout_casts_each_weight_once_and_a_step_after_it_trai
     with Casts():
         x0 = flux.rollout(transformer, noise, cond, 4, 3.0, 1.0)
     assert x0.dtype == torch.float32 and len(casts) == len(set(casts)) > len(weights) // 2
-    args = train.parse_args(["--resolution", "32"])
-    train.srpo_step(transformer, vae, reward, x0, noise, cond, "a cat", 0, torch.Generator().manual_seed(1), args)
+    step_on(transformer, vae, reward, x0, noise, cond, 0, torch.Generator().manual_seed(1))
     assert all(p.grad is not None and p.grad.any() for p in transformer.parameters())
 
 
@@ -287,8 +293,6 @@ class Brightness:
 def test_training_on_a_brightness_reward_makes_rollouts_brighter(tiny_parts, branches):
     new_transformer, vae, _, cond = tiny_parts
     transformer = new_transformer()
-    args = train.parse_args(["--resolution", "32", "--branches", branches, "--pos-words", "bright",
-                             "--neg-words", "dark", "--threshold", "2"])
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=2e-3)
     noises = [flux.latent_noise(32, torch.Generator().manual_seed(100 + i), torch.device("cpu")) for i in range(4)]
 
@@ -300,8 +304,8 @@ def test_training_on_a_brightness_reward_makes_rollouts_brighter(tiny_parts, bra
     for step in range(8):
         noise = flux.latent_noise(32, torch.Generator().manual_seed(step), torch.device("cpu"))
         x0 = flux.rollout(transformer, noise, cond, 3, 3.0, 1.0)
-        train.srpo_step(transformer, vae, Brightness(), x0, noise, cond, "a cat", step,
-                        torch.Generator().manual_seed(step), args)
+        step_on(transformer, vae, Brightness(), x0, noise, cond, step, torch.Generator().manual_seed(step),
+                "--branches", branches, "--pos-words", "bright", "--neg-words", "dark", "--threshold", "2")
         optimizer.step()
         optimizer.zero_grad()
     assert brightness() > before + 0.01, branches  # 1% of the [0, 1] pixels: an effect (~0.024), not rounding
@@ -384,12 +388,11 @@ def test_lora_step_leaves_the_base_bit_identical(tiny_parts):
     base = {k: v.clone() for k, v in transformer.state_dict().items() if ".lora_" not in k}
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)  # decay would move the base if it trained
-    args = train.parse_args(["--resolution", "32"])
     noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
     for step in range(2):  # B moves at step 1, then A gets a gradient too
         x0 = flux.rollout(transformer, noise, cond, 2, 3.0, 1.0)
         generator = torch.Generator().manual_seed(1)
-        train.srpo_step(transformer, vae, reward, x0, noise, cond, "a cat", step, generator, args)
+        step_on(transformer, vae, reward, x0, noise, cond, step, generator)
         optimizer.step()
         optimizer.zero_grad()
     after = transformer.state_dict()

@@ -38,12 +38,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
-from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
 from flux import (add_lora, autocast, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint,
                   latent_noise, rollout, transformer_on_meta, velocity)
 from inputs import (SEED, SIZE, T5_TOKENS, check_clip_h, check_ranges, fail, load_image, read_captioned_images,
                     read_prompts, run_command)
-from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, control_prompts, load_reward, srpo_loss
+from srpo import BRANCHES, srpo_step
+from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, load_reward
 
 # FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
 # would skip its backward hook; FLUX makes none, and test_train.py shows FSDP and DDP end at equal weights.
@@ -231,33 +231,11 @@ def memory_plan(num_params, world_size, strategy, largest_tensor=0, trainable=No
     return plan
 
 
-def srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, generator, args, loss_scale=1.0):
-    """Direct-Align on both branches of one sample, with the SRP reward (METHOD.md §2-§4). Each branch's loss
-    relu(threshold - r) / n_branches, times loss_scale (1 / the prompts a rank accumulates), is backpropagated
-    at once, so the gradients accumulate. Returns the sample's numbers, unscaled: loss, and reward / sigma
-    from, to / k of each branch."""
-    window = train_window(args.window_start, args.window_end, shift=args.shift)
-    t_star = sample_t_star(len(window), generator)
-    sigmas = branch_sigmas(window, t_star, default_gap(args.rho, len(window)))
-    pos, neg = control_prompts(caption, step + 1, args.pos_words, args.neg_words)  # the release counts from 1
-    names = ("denoise", "inversion") if args.branches == "both" else (args.branches,)
-    out = {"loss": 0.0}
-    for name in names:
-        sigma_from, sigma_to, m = sigmas[name]
-        k = reward_k(m, args.k_denoise if name == "denoise" else args.k_inversion, len(window))
-        # The inversion step enters x0_hat with the opposite sign, so it maximizes the reward with the
-        # roles swapped: both branches push the model towards the positive words (METHOD.md §4).
-        p, n = (pos, neg) if name == "denoise" else (neg, pos)
-        v = lambda x, s: velocity(transformer, x, s, cond, args.guidance)  # noqa: E731
-        x0_hat = direct_align(v, x0, noise, sigma_from, sigma_to)
-        with autocast(x0.device):
-            r = reward.srp(decode(vae, x0_hat, args.resolution), [p], [n], k).float()
-        loss = srpo_loss(r, args.threshold).mean() / len(names)
-        (loss * loss_scale).backward()
-        out["loss"] += loss.item()
-        out.update({f"reward_{name}": r.item(), f"sigma_{name}_from": sigma_from, f"sigma_{name}_to": sigma_to,
-                    f"k_{name}": k})
-    return out
+def step_settings(args):
+    """srpo.srpo_step's keyword arguments from the flags: the method's settings, nothing of the run."""
+    return dict(window=(args.window_start, args.window_end), shift=args.shift, rho=args.rho, k_denoise=args.k_denoise,
+                k_inversion=args.k_inversion, pos_words=args.pos_words, neg_words=args.neg_words,
+                threshold=args.threshold, branches=BRANCHES if args.branches == "both" else (args.branches,))
 
 
 @contextmanager
@@ -497,8 +475,10 @@ def main(argv=None):
             # sharded gradients (an unsharded copy of FLUX's gradients would not fit)
             sync = args.strategy == "fsdp" or j == per_rank - 1
             with timer(seconds, "branches", cuda), (nullcontext() if sync else transformer.no_sync()):
-                out = srpo_step(transformer, vae, reward, x0, noise, cond, caption, step, rng(args.seed, "t", step, b),
-                                args, loss_scale=1 / per_rank)
+                out = srpo_step(lambda x, s: velocity(transformer, x, s, cond, args.guidance),
+                                lambda x: decode(vae, x, args.resolution), reward, x0, noise, caption, step,
+                                rng(args.seed, "t", step, b), **step_settings(args), loss_scale=1 / per_rank,
+                                autocast=lambda: autocast(device))
             sums.update(out)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm

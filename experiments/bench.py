@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import train
+from srpo import BRANCHES, srpo_step
 from direct_align import (default_gap, direct_align, euler_step, inject_noise, predict_x0, sigma_schedule,
                           train_window)
 from experiments import plots
@@ -219,9 +220,10 @@ def train_step(m, method, k, step):
     n = m.targs.rollout_steps
     if method.startswith("direct_align"):
         x0 = rollout(m.transformer, noise, m.cond, n, m.targs.shift, m.targs.rollout_guidance)
-        m.targs.branches = "both" if method.startswith("direct_align_both") else "denoise"
-        train.srpo_step(m.transformer, m.vae, m.reward, x0, noise, m.cond, CAPTION, step,
-                        train.rng(0, "t", step), m.targs)
+        branches = BRANCHES if method.startswith("direct_align_both") else ("denoise",)
+        srpo_step(lambda x, s: velocity(m.transformer, x, s, m.cond, m.targs.guidance),
+                  lambda x: decode(m.vae, x, m.res), m.reward, x0, noise, CAPTION, step, train.rng(0, "t", step),
+                  **dict(train.step_settings(m.targs), branches=branches), autocast=lambda: autocast(m.device))
     else:
         sigmas = sigma_schedule(n, m.targs.shift)
         start = int(torch.randint(n * 3 // 4, n, (1,), generator=train.rng(0, "refl", step))) \

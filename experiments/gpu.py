@@ -43,6 +43,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, T5EncoderModel
 
 import sample
 import train
+from srpo import srpo_step
 from experiments import bench
 from direct_align import euler_step, sigma_schedule
 from flux import add_lora, autocast, conditioning, decode, encode_prompts, latent_noise, rollout, velocity
@@ -352,8 +353,10 @@ def step_parts(transformer, vae, reward, optimizer, noise, cond, step, targs, de
 
     x0 = phase("rollout", lambda: rollout(transformer, noise, cond, targs.rollout_steps, targs.shift,
                                           targs.rollout_guidance))
-    phase("branches", lambda: train.srpo_step(transformer, vae, reward, x0, noise, cond, CAPTION, step,
-                                              train.rng(0, "t", step), targs))
+    phase("branches", lambda: srpo_step(lambda x, s: velocity(transformer, x, s, cond, targs.guidance),
+                                        lambda x: decode(vae, x, targs.resolution), reward, x0, noise, CAPTION, step,
+                                        train.rng(0, "t", step), **train.step_settings(targs),
+                                        autocast=lambda: autocast(device)))
     # METHOD.md §7: a bf16 cast made without gradient and reused by a pass with it leaves its weight no gradient
     out["weights_without_gradient"] = sum(p.grad is None or not p.grad.any().item() for p in transformer.parameters())
     phase("optimizer", update)
