@@ -84,6 +84,11 @@ def test_dtype_is_kept_and_tensor_sigmas_work():
     s = torch.tensor(0.7, dtype=torch.float64)
     out = direct_align(lambda x, _: noise - x0, x0, noise, s, torch.tensor(0.6))
     assert out.dtype == torch.bfloat16 and inject_noise(x0, noise, s).dtype == torch.bfloat16
+    # the true velocity recovers x0 in bf16 too: each of the three steps rounds to bf16 (relative spacing 2^-8), and
+    # recover divides by 1 - 0.6, so the error stays within a few spacings of the values' size; a sigma taken from
+    # the wrong argument (0.7 for 0.6, say) is off by about 1
+    assert torch.allclose(out.double(), x0.double(), rtol=0, atol=8 * 2**-8 * x0.double().abs().max().item())
+    assert torch.equal(inject_noise(x0, noise, s), inject_noise(x0, noise, 0.7))
 
 
 def test_train_window_hand_computed():

@@ -185,6 +185,23 @@ def test_two_steps_resumed_for_two_more_equal_four_steps(tmp_path, capsys):
     assert rows(a) == rows(b) and len(rows(a)) == 4
 
 
+def test_tiny_models_are_rebuilt_when_tiny_py_changes_and_reused_when_not(tmp_path, monkeypatch):
+    """No hidden cache state: a folder built by other code (an older tiny.py, another seed) is never reused."""
+    import importlib.util
+    import tiny
+    built = []
+    spec = importlib.util.spec_from_file_location("tiny_changed", tmp_path / "tiny_changed.py")
+    (tmp_path / "tiny_changed.py").write_bytes(open(tiny.__file__, "rb").read() + b"\n# one more line\n")
+    changed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(changed)
+    for module in (tiny, changed):  # record each build instead of building (seconds each)
+        for name in ("build_tiny_flux", "build_tiny_clip"):
+            monkeypatch.setattr(module, name, lambda path, seed, name=name: built.append(name))
+    first = tiny.tiny_model_paths(tmp_path / "cache")
+    assert tiny.tiny_model_paths(tmp_path / "cache") == first and len(built) == 2  # reused, not rebuilt
+    other_code, other_seed = changed.tiny_model_paths(tmp_path / "cache"), tiny.tiny_model_paths(tmp_path / "cache", 1)
+    assert len(built) == 6 and len({first, other_code, other_seed}) == 3
+
 @pytest.fixture(scope="module")
 def tiny_parts():
     """The tiny transformer, VAE and reward through train.py's own loading paths, and one prompt's conditioning."""

@@ -6,8 +6,10 @@ written with save_pretrained, so the other files load them through the same from
 use for the real checkpoints: only the sizes and the (random) weights differ. Nothing is downloaded:
 the models are built from configs and the tokenizers from the small caption vocabulary below.
 
-    flux_dir, clip_dir = tiny_model_paths()   # built once under $SRPO_TINY_DIR or ~/.cache/srpo-tiny
+    flux_dir, clip_dir = tiny_model_paths()   # built once under $SRPO_TINY_DIR or ~/.cache/srpo-tiny,
+                                              # in folders keyed by this file's code (cache_key)
 """
+import hashlib
 import os
 import re
 import shutil
@@ -121,16 +123,27 @@ def build_tiny_clip(path, seed=0):
     tokenizer.save_pretrained(path)
 
 
+def cache_key(seed):
+    """What builds the models: this file's code, the seed and the library versions that write them. A changed
+    tiny.py, seed or library gets a folder of its own; nothing built by other code is ever reused."""
+    import diffusers
+    import transformers
+    code = open(__file__, "rb").read()
+    key = f"{seed}|{torch.__version__}|{diffusers.__version__}|{transformers.__version__}".encode()
+    return f"seed{seed}-{hashlib.sha256(code + key).hexdigest()[:12]}"
+
+
 def tiny_model_paths(root=None, seed=0):
-    """(flux_dir, clip_dir) under root (default $SRPO_TINY_DIR, else ~/.cache/srpo-tiny), built if missing."""
+    """(flux_dir, clip_dir) under root (default $SRPO_TINY_DIR, else ~/.cache/srpo-tiny), built if missing, in
+    folders named by cache_key."""
     root = root or os.environ.get("SRPO_TINY_DIR") or os.path.expanduser("~/.cache/srpo-tiny")
     os.makedirs(root, exist_ok=True)
     paths = []
     for name, build in (("flux", build_tiny_flux), ("clip", build_tiny_clip)):
-        path = os.path.join(root, f"{name}-seed{seed}")
+        path = os.path.join(root, f"{name}-{cache_key(seed)}")
         if not os.path.isdir(path):
             # build beside it, then rename: a crash or racing torchrun ranks never leave a half folder
-            tmp = tempfile.mkdtemp(prefix=f".{name}-seed{seed}-", dir=root)
+            tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
             build(tmp, seed)
             try:
                 os.rename(tmp, path)
