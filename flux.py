@@ -61,9 +61,11 @@ def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, d
 
 def velocity(transformer, x, sigma, cond, guidance):
     """FLUX's velocity v = noise - x0 at packed latents x. The release feeds the timestep
-    floor(sigma * 1000) / 1000 (METHOD.md §3); guidance only where the model embeds it (FLUX.1-dev does)."""
+    floor(sigma * 1000) / 1000 (METHOD.md §3); guidance only where the model embeds it (FLUX.1-dev does,
+    FLUX.1-schnell does not)."""
     t = torch.full((x.shape[0],), math.floor(float(sigma) * 1000) / 1000, device=x.device)
-    g = torch.full_like(t, guidance) if guidance is not None else None
+    embeds_guidance = getattr(transformer, "module", transformer).config.guidance_embeds  # DDP wraps the model
+    g = torch.full_like(t, guidance) if guidance is not None and embeds_guidance else None
     with autocast(x.device):
         v = transformer(hidden_states=x, timestep=t, guidance=g, return_dict=False, **cond)[0]
     return v.float()

@@ -93,6 +93,18 @@ def check_clip_h(clip_h, reward_paths):
         fail(f"--reward-path {hps_file}: an HPSv2.1 checkpoint needs --clip-h ({expected})")
 
 
+def check_flux_folder(model, flag="--model"):
+    """A diffusers pipeline folder whose model_index.json names a FLUX pipeline."""
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        fail(f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        pipeline = json.load(open(index, "rb")).get("_class_name")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        pipeline = None
+    if not str(pipeline).startswith("Flux"):
+        fail(f"{flag} {model}: model_index.json does not name a FLUX pipeline (expected _class_name FluxPipeline)")
+
 def read_text(path, flag, what):
     """The UTF-8 text of a file (a leading byte-order mark dropped), or one line naming the flag (if any), the file,
     its line and the problem."""

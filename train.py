@@ -13,6 +13,9 @@ Four nodes, 32 GPUs, one prompt each, the same recipe: the same flags, on every 
 One GPU: LoRA adapters of rank 64 on a frozen bf16 base (about 35 GiB by the memory plan)
     torchrun --nproc_per_node=1 train.py --model ./FLUX.1-dev --lora-rank 64 --strategy ddp ...
 After a crash, the same command with --resume continues from the newest checkpoint that verifies.
+
+The run, in order (main): flags, inputs, the output folder's lock, the process group, the checkpoint to resume from,
+the models, the prompts and their text embeddings, the optimizer, then the loop of rollouts and srpo.srpo_step.
 """
 import argparse
 import hashlib
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import time
+import types
 import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -40,121 +44,124 @@ from tqdm import tqdm
 import checkpoint
 from flux import (add_lora, autocast, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint,
                   latent_noise, rollout, transformer_on_meta, velocity)
-from inputs import (SEED, SIZE, T5_TOKENS, check_clip_h, check_ranges, fail, load_image, read_captioned_images,
-                    read_prompts, run_command)
+from inputs import (SEED, SIZE, T5_TOKENS, check_clip_h, check_flux_folder, check_ranges, fail, load_image,
+                    read_captioned_images, read_prompts, run_command)
 from srpo import BRANCHES, srpo_step
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, load_reward
 
 # FLUX blocks return views (slices of one sequence). FSDP2 warns because an in-place op on such a view
 # would skip its backward hook; FLUX makes none, and test_train.py shows FSDP and DDP end at equal weights.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-# The release's two configs (METHOD.md §3-§5); --reward clip uses the HPS one. Flags override each value.
+
+# The defaults that depend on another flag, each stated once here (None in argparse); a flag given overrides them.
+# The release's two configs by --reward (METHOD.md §3-§5; --reward clip uses the HPS one), then by what trains, then
+# by the models: a real --model gets the release's size and batch, the tiny CPU models a laptop's.
 RECIPES = {
     "hps": dict(window_end=25, k_denoise=(0.1, 0.25), k_inversion=(0.3, 0.01), rollout_guidance=1.0),
     "pickscore": dict(window_end=30, k_denoise=(0.1, 0.5), k_inversion=(0.6, 0.01), rollout_guidance=2.0),
+    "full": dict(lr=5e-6),                                   # every weight trains: the release's lr
+    "lora": dict(lr=1e-4),                                   # --lora-rank: B starts at zero, so a larger lr
+    "model": dict(resolution=720, batch_size=32),            # the release's: one prompt on each of 32 GPUs
+    "tiny": dict(resolution=64, batch_size=2),
 }
 RECIPES["clip"] = RECIPES["hps"]
 # Prompts for the CPU run on tiny models, when no --prompts file is given.
 TINY_PROMPTS = ["a red car on a street", "a cat sitting on a chair", "a green tree near a lake",
                 "a portrait of an old man", "a white bird in the sky", "a small house under a dark sky"]
 
+# Valid values, as (test, what is expected), checked before anything loads. The upper bounds keep absurd values
+# from reaching the model (a step count that overflows a tensor size, a batch that never ends).
+GUIDANCE = (lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100")
+EVERY = (lambda v: 0 <= v <= 999_999, "0 or a number of steps, at most 999,999 (--steps' limit)")
+K = (lambda v: -1 <= v <= 1, "two numbers from -1 to 1 (the positive prompt's weight 1 + k from 0 to 2; the "
+                             "release's k run from 0.01 to 0.6)")
+
 
 def parse_args(argv=None):
+    """The flags, every default stated once (below, or in RECIPES), each range check beside its flag."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
+    checks = []
+
+    def a(*flags, check=None, **kwargs):
+        action = p.add_argument(*flags, **kwargs)
+        if check:
+            checks.append((action.dest, *check))
     # models and data
     a("--model", help="diffusers FLUX pipeline folder (FLUX.1-dev layout); default: tiny random models")
     a("--reward", default="hps", choices=KINDS, help="reward model kind (METHOD.md §4)")
     a("--reward-path", help="HPS_v2.1_compressed.pt, or a PickScore / CLIP folder; default: a tiny CLIP")
     a("--clip-h", help="laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder: HPS's config and tokenizer")
     a("--prompts", help="online mode: a .txt file, one prompt per line, or a .json list of strings (HPDv2's)")
+    a("--prompt-order", default="shuffled", choices=("shuffled", "file"),
+      help="shuffled by --seed, or the file's order, as the release walks it (step s: the file's next batch-size)")
     a("--image-dir", help="offline mode: images with .txt captions beside them replace the rollout")
     a("--pos-words", nargs="+", default=list(POS_WORDS), help="positive control words (METHOD.md §4)")
     a("--neg-words", nargs="+", default=list(NEG_WORDS), help="negative control words (METHOD.md §4)")
     a("--output-dir", default="out/srpo")
-    # the method (METHOD.md §3-§4); None = the reward's recipe above
-    a("--resolution", type=int, help="square training size, a multiple of 16; default 720 (64 on tiny)")
-    a("--rollout-steps", type=int, default=25, help="Euler steps of the online rollout")
-    a("--rollout-guidance", type=float, help="FLUX guidance of the rollout: 1 (hps), 2 (pickscore)")
-    a("--guidance", type=float, default=3.5, help="FLUX guidance of the trained step and the samples")
-    a("--shift", type=float, default=3.0, help="constant timestep shift of every sigma grid")
-    a("--window-start", type=int, default=5, help="training window starts at g[start] of the 50-step grid")
-    a("--window-end", type=int, help="... and ends at g[end]: 25 (hps), 30 (pickscore)")
-    a("--rho", type=float, default=0.9, help="groundtruth ratio: branch gap int((1 - rho) * 1000) + 1")
-    a("--k-denoise", type=float, nargs=2, help="SRP k schedule of the denoise branch, start end")
-    a("--k-inversion", type=float, nargs=2, help="SRP k schedule of the inversion branch, start end")
-    a("--threshold", type=float, default=0.7, help="loss = relu(threshold - reward)")
+    # the method (METHOD.md §3-§4); None: RECIPES' value
+    a("--resolution", type=int, check=SIZE, help="square training size: 720 (64 on the tiny models)")
+    a("--rollout-steps", type=int, default=25, help="Euler steps of the online rollout",
+      check=(lambda v: 1 <= v <= 1000, "1 to 1000 Euler steps (the transformer sees the timestep "
+                                       "floor(1000 sigma) / 1000: 1001 values in all)"))
+    a("--rollout-guidance", type=float, check=GUIDANCE, help="FLUX guidance of the rollout: 1 (hps), 2 (pickscore)")
+    a("--guidance", type=float, default=3.5, check=GUIDANCE, help="FLUX guidance of the trained step and samples")
+    a("--shift", type=float, default=3.0, check=(lambda v: 0.01 <= v <= 100, "a shift from 0.01 to 100"),
+      help="constant timestep shift of every sigma grid")
+    a("--window-start", type=int, default=5, check=(lambda v: 0 <= v < 50, "a step of the 50-step grid, 0 to 49"),
+      help="training window starts at g[start] of the 50-step grid")
+    a("--window-end", type=int, help="... and ends at g[end]: 25 (hps), 30 (pickscore)",
+      check=(lambda v: 0 < v <= 50, "a step of the 50-step grid, 1 to 50, after --window-start"))
+    a("--rho", type=float, default=0.9, check=(lambda v: 0 < v < 1, "a ratio strictly between 0 and 1"),
+      help="groundtruth ratio: branch gap int((1 - rho) * 1000) + 1")
+    a("--k-denoise", type=float, nargs=2, check=K, help="SRP k schedule of the denoise branch, start end")
+    a("--k-inversion", type=float, nargs=2, check=K, help="SRP k schedule of the inversion branch, start end")
+    a("--threshold", type=float, default=0.7, help="loss = relu(threshold - reward)",
+      check=(lambda v: -20 <= v <= 20, "-20 to 20 (an SRP reward lies within 15 of 0: at most 3 cosines, times "
+                                       "100 / 20 for CLIP and PickScore)"))
     a("--branches", default="both", choices=("both", "denoise", "inversion"),
       help="denoise alone shows reward hacking, the release's README suggests, for comparison")
-    a("--max-sequence-length", type=int, default=512, help="T5 tokens of the FLUX conditioning")
+    a("--max-sequence-length", type=int, default=512, check=T5_TOKENS, help="T5 tokens of the FLUX conditioning")
     # optimization (METHOD.md §5)
-    a("--batch-size", type=int, help="prompts per optimizer step over all ranks, accumulated one at a time on each; "
-                                     "default 32 (the release: one on each of 32 GPUs), 2 on the tiny models")
-    a("--steps", type=int, default=20, help="optimizer steps (the release's model has 19 updates: --steps 19)")
-    a("--lr", type=float, help="default 5e-6 (the release's); 1e-4 with --lora-rank, whose B starts at zero")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    a("--weight-decay", type=float, default=1e-4)
-    a("--adam-eps", type=float, default=1e-8)
-    a("--max-grad-norm", type=float, default=0.1)
-    a("--seed", type=int, default=42)
+    a("--batch-size", type=int, help="prompts per optimizer step over all ranks, accumulated one at a time on each: "
+                                     "32 (the release: one on each of 32 GPUs), 2 on the tiny models",
+      check=(lambda v: 1 <= v <= 4096, "1 to 4096 prompts (128 times the release's 32; each costs a rollout and "
+                                       "two backward passes)"))
+    a("--steps", type=int, default=20, help="optimizer steps (the release's model has 19 updates: --steps 19)",
+      check=(lambda v: 1 <= v <= 999_999, "1 to 999,999 optimizer steps (the release takes 20; sample grids are "
+                                          "numbered with 6 digits)"))
+    a("--lr", type=float, help="5e-6 (the release's); 1e-4 with --lora-rank",  # AdamW overflows fp32 far above 1
+      check=(lambda v: 0 < v < 1, "a positive learning rate below 1"))
+    a("--betas", type=float, nargs=2, default=(0.9, 0.999), check=(lambda v: 0 <= v < 1, "two values in [0, 1)"))
+    a("--weight-decay", type=float, default=1e-4,
+      check=(lambda v: 0 <= v <= 1, "0 to 1 (AdamW multiplies the weights by 1 - lr * weight_decay each step)"))
+    a("--adam-eps", type=float, default=1e-8, check=(lambda v: v > 0, "a positive epsilon"))
+    a("--max-grad-norm", type=float, default=0.1, check=(lambda v: v > 0, "a positive norm"))
+    a("--seed", type=int, default=42, check=SEED)
     a("--strategy", default="fsdp", choices=("fsdp", "ddp"), help="FSDP2 full shard, or DDP")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
-    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on a frozen base (0: every weight)")
-    a("--lora-alpha", type=float, help="LoRA scale alpha / rank; default: the rank (scale 1)")
+    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on a frozen base (0: every weight)",
+      check=(lambda v: 0 <= v <= 3072, "0 (every weight trains) or a LoRA rank up to 3072, FLUX.1's width: the "
+                                       "smaller side of every adapted layer"))
+    a("--lora-alpha", type=float, help="LoRA scale alpha / rank; default: the rank (scale 1)",
+      check=(lambda v: v >= 0, "a LoRA alpha of at least 0"))
     # output
-    a("--checkpoint-every", type=int, default=10)
-    a("--sample-every", type=int, default=10, help="save a PNG grid of samples every N steps (0: never)")
+    a("--checkpoint-every", type=int, default=10, check=EVERY, help="0: only at the end")
+    a("--sample-every", type=int, default=10, check=EVERY, help="save a PNG grid of samples every N steps (0: never)")
     a("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
     args = p.parse_args(argv)
-    for key, value in RECIPES[args.reward].items():
+    recipe = {**RECIPES[args.reward], **RECIPES["lora" if args.lora_rank else "full"],
+              **RECIPES["model" if args.model else "tiny"], "lora_alpha": float(args.lora_rank),
+              "gradient_checkpointing": torch.cuda.is_available()}
+    for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    # the CPU run on tiny models gets a laptop's size and batch; a real --model the release's
-    if args.resolution is None:
-        args.resolution = 720 if args.model else 64
-    if args.batch_size is None:
-        args.batch_size = 32 if args.model else 2
-    if args.lr is None:
-        args.lr = 1e-4 if args.lora_rank else 5e-6
-    if args.lora_alpha is None:
-        args.lora_alpha = float(args.lora_rank)
+    check_ranges(args, checks)
     return args
 
 
-# Each numeric flag's valid values, checked before anything loads: (flag, test, what is expected). The upper bounds
-# keep absurd values from reaching the model (a step count that overflows a tensor size, a batch that never ends).
-GUIDANCE = (lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100")
-EVERY = "steps, at most 999,999 (--steps' limit)"
-RANGES = [("resolution", *SIZE),
-          ("rollout_steps", lambda v: 1 <= v <= 1000,
-           "1 to 1000 Euler steps (the transformer sees the timestep floor(1000 sigma) / 1000: 1001 values in all)"),
-          ("rollout_guidance", *GUIDANCE), ("guidance", *GUIDANCE),
-          ("shift", lambda v: 0.01 <= v <= 100, "a shift from 0.01 to 100"),
-          ("window_start", lambda v: 0 <= v < 50, "a step of the 50-step grid, 0 to 49"),
-          ("window_end", lambda v: 0 < v <= 50, "a step of the 50-step grid, 1 to 50, after --window-start"),
-          ("rho", lambda v: 0 < v < 1, "a ratio strictly between 0 and 1"),
-          ("max_sequence_length", *T5_TOKENS),
-          ("batch_size", lambda v: 1 <= v <= 4096,
-           "1 to 4096 prompts (128 times the release's 32; each costs a rollout and two backward passes)"),
-          ("steps", lambda v: 1 <= v <= 999_999, "1 to 999,999 optimizer steps (the release takes 20; sample grids "
-                                                  "are numbered with 6 digits)"),
-          ("lr", lambda v: 0 < v < 1, "a positive learning rate below 1"),  # AdamW's steps overflow fp32 far above
-          ("lora_rank", lambda v: 0 <= v <= 3072, "0 (every weight trains) or a LoRA rank up to 3072, FLUX.1's "
-                                                   "width: the smaller side of every adapted layer"),
-          ("lora_alpha", lambda v: v >= 0, "a LoRA alpha of at least 0"),
-          ("betas", lambda v: 0 <= v < 1, "two values in [0, 1)"),
-          ("weight_decay", lambda v: 0 <= v <= 1,
-           "0 to 1 (AdamW multiplies the weights by 1 - lr * weight_decay each step)"),
-          ("adam_eps", lambda v: v > 0, "a positive epsilon"),
-          ("max_grad_norm", lambda v: v > 0, "a positive norm"),
-          ("checkpoint_every", lambda v: 0 <= v <= 999_999, f"0 (only at the end) or a number of {EVERY}"),
-          ("sample_every", lambda v: 0 <= v <= 999_999, f"0 (never) or a number of {EVERY}"),
-          ("k_denoise", lambda v: True, "two finite numbers"), ("k_inversion", lambda v: True, "two finite numbers"),
-          ("threshold", lambda v: True, "a finite number"), ("seed", *SEED)]
-
-
 def check_inputs(args):
-    check_ranges(args, RANGES)
+    """What one flag's range cannot say: flags that conflict, and the files named. One line each, before anything
+    loads."""
     if args.window_start >= args.window_end:
         fail(f"--window-start {args.window_start} --window-end {args.window_end}: expected start before end")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -166,16 +173,7 @@ def check_inputs(args):
     if args.prompts and args.image_dir:
         fail("--prompts and --image-dir: expected one of them, prompts to roll out or captioned images (offline)")
     if args.model:
-        index = os.path.join(args.model, "model_index.json")
-        if not os.path.isfile(index):
-            fail(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
-        try:
-            pipeline = json.load(open(index, "rb")).get("_class_name")
-        except (ValueError, AttributeError):  # not JSON, or not an object
-            pipeline = None
-        if not str(pipeline).startswith("Flux"):
-            fail(f"--model {args.model}: model_index.json does not name a FLUX pipeline (expected _class_name "
-                 f"FluxPipeline)")
+        check_flux_folder(args.model)
         if not (args.prompts or args.image_dir):
             fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
         if not args.reward_path:
@@ -186,28 +184,11 @@ def check_inputs(args):
         fail(f"--output-dir {args.output_dir} holds checkpoint-{complete[0]}: pass --resume, or another dir")
 
 
-def read_data(args):
-    """(captions, image paths or None). Online: the prompts. Offline: every image with a .txt caption."""
-    if args.image_dir:
-        return read_captioned_images(args.image_dir, args.resolution)
-    return (read_prompts(args.prompts) if args.prompts else TINY_PROMPTS), None
-
-
-def saved_args(output_dir):
-    """The args.json of the run that wrote output_dir's checkpoints; {} if there is none to read."""
-    try:
-        saved = json.load(open(os.path.join(output_dir, "args.json"), "rb"))
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
-
-
-def metrics_step(line):
-    """The step of a metrics.jsonl line; 0 for a line a crash cut short."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 0
+def step_settings(args):
+    """srpo.srpo_step's keyword arguments from the flags: the method's settings, nothing of the run."""
+    return dict(window=(args.window_start, args.window_end), shift=args.shift, rho=args.rho, k_denoise=args.k_denoise,
+                k_inversion=args.k_inversion, pos_words=args.pos_words, neg_words=args.neg_words,
+                threshold=args.threshold, branches=BRANCHES if args.branches == "both" else (args.branches,))
 
 
 def rng(*key):
@@ -231,11 +212,49 @@ def memory_plan(num_params, world_size, strategy, largest_tensor=0, trainable=No
     return plan
 
 
-def step_settings(args):
-    """srpo.srpo_step's keyword arguments from the flags: the method's settings, nothing of the run."""
-    return dict(window=(args.window_start, args.window_end), shift=args.shift, rho=args.rho, k_denoise=args.k_denoise,
-                k_inversion=args.k_inversion, pos_words=args.pos_words, neg_words=args.neg_words,
-                threshold=args.threshold, branches=BRANCHES if args.branches == "both" else (args.branches,))
+# ----------------------------------------------------------------------------------------- the run, phase by phase
+
+def init_distributed(seed):
+    """torchrun sets RANK / WORLD_SIZE; a plain `python train.py` is a world of one, the same code. (rank, world,
+    device); seeds torch by rank (METHOD.md §5), though every draw that matters uses rng(...)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        # cuDNN's fused attention failed in the backward pass at FLUX's width and 720x720 (H200, torch 2.11:
+        # "mha_graph.execute ... is_good()"); flash attention computes the same
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.manual_seed(seed + rank)
+    return rank, world, device
+
+
+def resume_point(args, rank, world):
+    """(the step to start from, the flags of the run that wrote the checkpoints): (0, {}) for a new run."""
+    stranger = checkpoint.unshared(args.output_dir, world)
+    if stranger:
+        fail(f"--output-dir {args.output_dir}: {stranger} does not see the folder rank 0 writes; on several nodes it "
+             f"must be on a filesystem they all share")
+    start, broken = checkpoint.newest_intact(args.output_dir, rank, world) if args.resume else (0, None)
+    if broken:
+        fail(broken)
+    if not start:
+        return 0, {}
+    try:
+        before = json.load(open(os.path.join(args.output_dir, "args.json"), "rb"))
+    except (OSError, ValueError):
+        before = {}
+    before = before if isinstance(before, dict) else {}
+    if start > args.steps:
+        fail(f"--steps {args.steps}: {args.output_dir} already holds checkpoint-{start}; expected at least {start}")
+    if before.get("lora_rank", args.lora_rank) != args.lora_rank:  # its state would not fit the model
+        fail(f"--lora-rank {args.lora_rank}: the checkpoints in {args.output_dir} were trained with --lora-rank "
+             f"{before['lora_rank']}; resume with that")
+    return start, before
 
 
 @contextmanager
@@ -245,6 +264,220 @@ def loading(model, part):
         yield
     except (OSError, ValueError, SafetensorError) as e:
         fail(f"--model {model}: cannot load its {part}/ ({str(e).splitlines()[0]})")
+
+
+def load_models(args, device, world):
+    """The frozen reward and VAE, and the transformer to train, sharded (FSDP2) or replicated (DDP). fp32 master
+    weights (METHOD.md §5). FSDP2: built on the meta device, each block one all-gather unit, then the root; each rank
+    then fills only its shards from the checkpoint, so no rank ever holds the full model. DDP needs the full copy
+    anyway: loaded straight onto this rank's device. With LoRA the base is frozen, in bf16 on a GPU, and only the
+    fp32 adapters train."""
+    try:
+        reward = load_reward(args.reward, args.reward_path, args.clip_h, device)
+    except (OSError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    with loading(args.model, "vae"):
+        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
+    cuda = device.type == "cuda"
+    base_dtype = torch.bfloat16 if args.lora_rank and cuda else torch.float32
+    with loading(args.model, "transformer"):
+        transformer = transformer_on_meta(args.model) if args.strategy == "fsdp" else \
+            FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=base_dtype,
+                                                   device_map=str(device))
+    if args.lora_rank:
+        add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed)
+    transformer.train()
+    sizes = [p.numel() for p in transformer.parameters()]  # before sharding: full sizes
+    if args.gradient_checkpointing:  # the VAE's decoder too: its activations at 720x720 are the next largest
+        transformer.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if args.strategy == "fsdp":
+        # bf16 compute copies, fp32 reductions. Forward inputs are not cast: under activation checkpointing
+        # torch 2.11 skips that cast when it recomputes a block, and the recomputation then differs.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+            if cuda else MixedPrecisionPolicy()
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(transformer, mp_policy=mp)
+        with loading(args.model, "transformer"):
+            fill_from_checkpoint(transformer.to_empty(device=device), args.model, lora_seed=args.seed)
+    else:
+        transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None,
+                                              gradient_as_bucket_view=True)  # no second copy of the gradients
+    trainable = [p for p in transformer.parameters() if p.requires_grad]  # after fully_shard replaced them
+    plan = memory_plan(sum(sizes), world, args.strategy, max(sizes), sum(p.numel() for p in trainable),
+                       base_dtype.itemsize)
+    return types.SimpleNamespace(transformer=transformer, vae=vae, reward=reward, trainable=trainable, plan=plan,
+                                 num_params=sum(sizes))
+
+
+def prompt_schedule(args, captions, rank, world):
+    """(index(step, b), this rank's b): prompt b (0 <= b < batch size) of each step, in one order, shuffled by
+    --seed or the file's own; this rank takes b in `mine`. Every random draw is keyed by (step, b), never by rank,
+    so the world size is invisible to the math."""
+    order = torch.randperm(len(captions), generator=rng(args.seed, "order")).tolist() \
+        if args.prompt_order == "shuffled" else list(range(len(captions)))
+    per_rank = args.batch_size // world
+    return (lambda step, b: order[(step * args.batch_size + b) % len(order)]), range(rank * per_rank,
+                                                                                    (rank + 1) * per_rank)
+
+
+def write_run_files(args, before, start):
+    """args.json (the flags as this run has them), and metrics.jsonl cut to the steps the checkpoint holds. A flag
+    changed since the checkpoints were written is allowed (a lower --lr for the rest of a run, say), never unnoticed."""
+    now = json.loads(json.dumps(vars(args)))  # as args.json holds them: tuples as lists
+    changed = [k for k in now if k in before and before[k] != now[k] and k not in ("resume", "steps", "output_dir")]
+    if changed:
+        tqdm.write("resumed with changed flags: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {now[k]}"
+                                                              for k in changed))
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(now, f, indent=2)
+    path = os.path.join(args.output_dir, "metrics.jsonl")
+    kept = [line.rstrip("\n") + "\n" for line in open(path, errors="replace") if 0 < metrics_step(line) <= start] \
+        if start and os.path.isfile(path) else []
+    with open(path, "w") as f:  # drop lines of steps a crash lost, or cut short: they are redone
+        f.writelines(kept)
+
+
+def metrics_step(line):
+    """The step of a metrics.jsonl line; 0 for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_inputs(args)
+    captions, image_paths = (read_captioned_images(args.image_dir, args.resolution) if args.image_dir else
+                             (read_prompts(args.prompts) if args.prompts else TINY_PROMPTS, None))
+    if int(os.environ.get("RANK", 0)) == 0:  # one run per output folder: rank 0 holds the lock until it exits
+        _, holder = checkpoint.lock(args.output_dir)
+        if holder:
+            fail(f"--output-dir {args.output_dir}: in use by another run ({holder}); wait for it, or pick another dir")
+    rank, world, device = init_distributed(args.seed)
+    master = rank == 0
+    say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
+    start, before = resume_point(args, rank, world)
+
+    if not args.model:  # tiny random models, written once and loaded through the same from_pretrained
+        from tiny import tiny_model_paths
+        if master:
+            tiny_model_paths()  # rank 0 builds, the others then find them
+        dist.barrier()
+        tiny_flux, tiny_clip = tiny_model_paths()
+        say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
+        args.model, args.reward_path = tiny_flux, args.reward_path or tiny_clip
+    m = load_models(args, device, world)
+    say(f"transformer: {m.num_params / 1e6:.1f}M parameters, {sum(p.numel() for p in m.trainable) / 1e6:.1f}M "
+        f"trained; per rank under {args.strategy} x {world}: " +
+        ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in m.plan.items()))
+
+    index, mine = prompt_schedule(args, captions, rank, world)
+    sample_caption = captions[rank % len(captions)]
+    # each once; step s uses what step s mod len(captions) uses, so no more steps need looking at
+    used = dict.fromkeys(captions[index(s, b)] for s in range(min(args.steps, len(captions))) for b in mine)
+    embeds = encode_prompts(args.model, [*used, sample_caption], args.max_sequence_length,
+                            os.path.join(args.output_dir, "text_cache"), device,
+                            torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # foreach: what CUDA tensors and DTensors get by default, here on CPUs too (a loop over DTensors costs as much
+    # as a tiny model's step; the same bits)
+    optimizer = torch.optim.AdamW(m.trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                                  eps=args.adam_eps, foreach=True)
+    if start:
+        checkpoint.load(m.transformer, optimizer, os.path.join(args.output_dir, f"checkpoint-{start}"))
+        say(f"resumed from {args.output_dir}/checkpoint-{start} (verified against its manifest)")
+    if master:
+        write_run_files(args, before, start)
+
+    sample = lambda step: save_samples(  # noqa: E731
+        m, conditioning(embeds(sample_caption), args.resolution, device), sample_caption,
+        latent_noise(args.resolution, rng(args.seed, "sample", rank), device),
+        os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), args, rank, world)
+    if args.sample_every and start == 0:
+        sample(0)
+    last = train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample, rank, device)
+    weights = "pytorch_lora_weights" if args.lora_rank else "diffusion_pytorch_model"
+    say(f"done: weights {last}/{weights}.safetensors, metrics "
+        f"{args.output_dir}/metrics.jsonl, samples {args.output_dir}/samples/")
+    dist.barrier()  # no rank tears down its connections while another still sends on them (gloo aborts then)
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample, rank, device):
+    """Steps start+1 .. --steps: each rank's prompts, srpo_step on each, then one clipped AdamW step; metrics,
+    checkpoints and samples as the flags ask. Returns the last checkpoint's path."""
+    world, master, cuda = dist.get_world_size(), rank == 0, device.type == "cuda"
+    last = os.path.join(args.output_dir, f"checkpoint-{start}") if start else "none"
+
+    def stop(what):  # nothing of this step is saved; the last good checkpoint stays the newest
+        bar.close()
+        fail(f"{what}; last good checkpoint: {last}")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="srpo", disable=not master)
+    for step in bar:
+        t0 = time.time()
+        noise = latent_noise(args.resolution, rng(args.seed, "noise", step), device)  # one noise for the whole batch
+        sums, seconds = Counter(), Counter()
+        for j, b in enumerate(mine):  # accumulate this rank's prompts; the gradient is the batch's mean
+            if len(mine) > 1:
+                bar.set_postfix_str(f"prompt {j + 1}/{len(mine)}")
+            caption = captions[index(step, b)]
+            cond = conditioning(embeds(caption), args.resolution, device)
+            with timer(seconds, "rollout", cuda):
+                if image_paths:  # offline: a real image, with the step's noise
+                    x0 = encode_image(m.vae, load_image(image_paths[index(step, b)], args.resolution),
+                                      rng(args.seed, "vae", step, b))
+                else:  # online: the current model's own sample from that noise
+                    x0 = rollout(m.transformer, noise, cond, args.rollout_steps, args.shift, args.rollout_guidance,
+                                 progress=master and cuda)
+            # DDP reduces once, at the last prompt's backward; FSDP2 reduce-scatters every backward into
+            # sharded gradients (an unsharded copy of FLUX's gradients would not fit)
+            sync = args.strategy == "fsdp" or j == len(mine) - 1
+            with timer(seconds, "branches", cuda), (nullcontext() if sync else m.transformer.no_sync()):
+                sums.update(srpo_step(lambda x, s: velocity(m.transformer, x, s, cond, args.guidance),
+                                      lambda x: decode(m.vae, x, args.resolution), m.reward, x0, noise, caption, step,
+                                      rng(args.seed, "t", step, b), **step_settings(args), loss_scale=1 / len(mine),
+                                      autocast=lambda: autocast(device)))
+        grad_norm = torch.nn.utils.clip_grad_norm_(m.trainable, args.max_grad_norm)
+        grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+
+        # the batch's numbers, averaged; a non-finite loss or gradient stops all ranks before the weights change
+        stats = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        stats = dict(zip(sums, (stats / args.batch_size).tolist()))
+        if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
+            stop(f"loss is {stats['loss']} (gradient norm {grad_norm}) at step {step + 1}: stopped before the "
+                 f"optimizer step")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not weights_finite(m.trainable):
+            stop(f"the weights became non-finite at step {step + 1} (loss {stats['loss']}, gradient norm "
+                 f"{grad_norm}): stopped before saving")
+
+        record = {"step": step + 1, "loss": stats["loss"]}
+        for n in ("denoise", "inversion"):
+            record[f"reward_{n}"] = stats.get(f"reward_{n}")
+            record[f"sigma_{n}"] = [stats[f"sigma_{n}_from"], stats[f"sigma_{n}_to"]] if f"k_{n}" in stats else None
+            record[f"k_{n}"] = stats.get(f"k_{n}")
+        record.update(grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], step_time_s=time.time() - t0,
+                      time_rollout_s=seconds["rollout"], time_branches_s=seconds["branches"],
+                      max_memory_gib=peak_memory_gib(device))
+        if master:
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0):
+            path, error = checkpoint.save(m.transformer, optimizer, step + 1, args.output_dir,
+                                          lambda folder: save_weights(m.transformer, folder, rank), rank, world)
+            if error:
+                stop(f"saving checkpoint-{step + 1} in {args.output_dir} failed ({error}); removed it")
+            last = path
+        if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
+            sample(step + 1)
+    return last
 
 
 @contextmanager
@@ -266,7 +499,14 @@ def peak_memory_gib(device):
     return peak.item()
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
+def weights_finite(trainable):
+    """Whether every trained weight of every rank is finite (FSDP2: each rank checks its shards); one sync."""
+    bad = torch.stack([~torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in trainable]).sum()
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+# ----------------------------------------------------------------------------------------- what a run writes
 
 def save_weights(transformer, folder, rank):
     """The published weights, written by rank 0. Every weight trained: the full transformer in diffusers naming
@@ -286,17 +526,10 @@ def save_weights(transformer, folder, rank):
         model.save_config(folder)
 
 
-def weights_finite(trainable):
-    """Whether every trained weight of every rank is finite (FSDP2: each rank checks its shards); one sync."""
-    bad = torch.stack([~torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in trainable]).sum()
-    dist.all_reduce(bad)
-    return bad.item() == 0
-
-
-def save_samples(transformer, vae, noise, cond, caption, path, args, rank, world):
+def save_samples(m, cond, caption, noise, path, args, rank, world):
     """Every rank renders its own fixed prompt from its own fixed noise; rank 0 saves the grid."""
     with torch.no_grad():
-        image = decode(vae, rollout(transformer, noise, cond, args.rollout_steps, args.shift, args.guidance),
+        image = decode(m.vae, rollout(m.transformer, noise, cond, args.rollout_steps, args.shift, args.guidance),
                        args.resolution)
     images = [torch.empty_like(image) for _ in range(world)]
     dist.all_gather(images, image)
@@ -314,219 +547,6 @@ def save_samples(transformer, vae, noise, cond, caption, path, args, rank, world
         Image.fromarray(grid.numpy()).save(path)
         with open(path[:-4] + ".txt", "w") as f:
             f.write("\n".join(captions) + "\n")
-
-
-# ----------------------------------------------------------------------------------------- the run
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_inputs(args)
-    captions, image_paths = read_data(args)
-    # one run per output folder: rank 0 holds its lock until it exits, however it exits
-    if int(os.environ.get("RANK", 0)) == 0:
-        held, holder = checkpoint.lock(args.output_dir)
-        if holder:
-            fail(f"--output-dir {args.output_dir}: in use by another run ({holder}); wait for it, or pick another dir")
-
-    # distributed: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one, same code
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    else:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        # cuDNN's fused attention failed in the backward pass at FLUX's width and 720x720 (H200, torch 2.11:
-        # "mha_graph.execute ... is_good()"); flash attention computes the same
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)  # METHOD.md §5; the draws that matter use rng(...) below
-    say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
-    stranger = checkpoint.unshared(args.output_dir, world)
-    if stranger:
-        fail(f"--output-dir {args.output_dir}: {stranger} does not see the folder rank 0 writes; on several nodes it "
-             f"must be on a filesystem they all share")
-    start, broken = checkpoint.newest_intact(args.output_dir, rank, world) if args.resume else (0, None)
-    if broken:
-        fail(broken)
-    before = saved_args(args.output_dir) if start else {}  # the flags of the run that wrote the checkpoints
-    if start > args.steps:
-        fail(f"--steps {args.steps}: {args.output_dir} already holds checkpoint-{start}; expected at least {start}")
-    if before.get("lora_rank", args.lora_rank) != args.lora_rank:  # its state would not fit the model
-        fail(f"--lora-rank {args.lora_rank}: the checkpoints in {args.output_dir} were trained with --lora-rank "
-             f"{before['lora_rank']}; resume with that")
-
-    # models: the real ones, or tiny random ones written once and loaded through the same from_pretrained
-    if not args.model:
-        from tiny import tiny_model_paths
-        if master:
-            tiny_model_paths()  # rank 0 builds, the others then find them
-        dist.barrier()
-        tiny_flux, tiny_clip = tiny_model_paths()
-        say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
-        args.model, args.reward_path = tiny_flux, args.reward_path or tiny_clip
-    try:
-        reward = load_reward(args.reward, args.reward_path, args.clip_h, device)
-    except (OSError, ValueError) as e:
-        fail(str(e).splitlines()[0])
-    with loading(args.model, "vae"):
-        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
-    # fp32 master weights (METHOD.md §5). FSDP2: built on the meta device, each block one all-gather unit, then
-    # the root; then each rank fills only its shards from the checkpoint, so no rank ever holds the full model.
-    # DDP needs the full copy anyway: loaded straight onto this rank's device. With LoRA the base is frozen, in
-    # bf16 on a GPU, and only the fp32 adapters train.
-    base_dtype = torch.bfloat16 if args.lora_rank and cuda else torch.float32
-    with loading(args.model, "transformer"):
-        transformer = transformer_on_meta(args.model) if args.strategy == "fsdp" else \
-            FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=base_dtype,
-                                                   device_map=str(device))
-    if args.lora_rank:
-        add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed)
-    transformer.train()
-    num_params = sum(p.numel() for p in transformer.parameters())
-    largest = max(p.numel() for p in transformer.parameters())
-    if not transformer.config.guidance_embeds:  # FLUX.1-schnell and the like: no guidance input
-        args.guidance = args.rollout_guidance = None
-    if args.gradient_checkpointing is None:
-        args.gradient_checkpointing = cuda
-    if args.gradient_checkpointing:  # the VAE's decoder too: its activations at 720x720 are the next largest
-        transformer.enable_gradient_checkpointing()
-        vae.enable_gradient_checkpointing()
-    if args.strategy == "fsdp":
-        # bf16 compute copies, fp32 reductions. Forward inputs are not cast: under activation checkpointing
-        # torch 2.11 skips that cast when it recomputes a block, and the recomputation then differs.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-            if cuda else MixedPrecisionPolicy()
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(transformer, mp_policy=mp)
-        with loading(args.model, "transformer"):
-            fill_from_checkpoint(transformer.to_empty(device=device), args.model, lora_seed=args.seed)
-    else:
-        transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None,
-                                              gradient_as_bucket_view=True)  # no second copy of the gradients
-    trainable = [p for p in transformer.parameters() if p.requires_grad]  # after fully_shard replaced them
-    n_train = sum(p.numel() for p in trainable)
-    plan = memory_plan(num_params, world, args.strategy, largest, n_train, base_dtype.itemsize)
-    say(f"transformer: {num_params / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained; per rank under "
-        f"{args.strategy} x {world}: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in plan.items()))
-
-    # data: prompt b (0 <= b < batch size) of each step in one seeded order; this rank takes b in `mine`. Every
-    # random draw is keyed by (step, b), never by rank, so the world size is invisible to the math.
-    order = torch.randperm(len(captions), generator=rng(args.seed, "order")).tolist()
-    index = lambda step, b: order[(step * args.batch_size + b) % len(order)]  # noqa: E731
-    per_rank = args.batch_size // world
-    mine = range(rank * per_rank, (rank + 1) * per_rank)
-    sample_caption = captions[rank % len(captions)]
-    # each once, in order; step s uses what step s mod len(order) uses, so no more steps need looking at
-    used = dict.fromkeys(captions[index(s, b)] for s in range(min(args.steps, len(order))) for b in mine)
-    cache = os.path.join(args.output_dir, "text_cache")
-    embeds = encode_prompts(args.model, [*used, sample_caption], args.max_sequence_length, cache, device,
-                            torch.bfloat16 if cuda else torch.float32)
-    sample_noise = latent_noise(args.resolution, rng(args.seed, "sample", rank), device)
-
-    # foreach: what CUDA tensors and DTensors get by default, here on CPUs too (a loop over DTensors costs as much
-    # as a tiny model's step; the same bits)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                                  eps=args.adam_eps, foreach=True)
-    if start:
-        checkpoint.load(transformer, optimizer, os.path.join(args.output_dir, f"checkpoint-{start}"))
-        say(f"resumed from {args.output_dir}/checkpoint-{start} (verified against its manifest)")
-    now = json.loads(json.dumps(vars(args)))  # as args.json holds them: tuples as lists
-    changed = [k for k in now if k in before and before[k] != now[k] and k not in ("resume", "steps", "output_dir")]
-    if changed:  # allowed (a lower --lr for the rest of a run, say), but never unnoticed
-        say("resumed with changed flags: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {now[k]}"
-                                                       for k in changed))
-    if master:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(now, f, indent=2)
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        kept = [line.rstrip("\n") + "\n" for line in open(metrics_path, errors="replace")
-                if 0 < metrics_step(line) <= start] \
-            if start and os.path.isfile(metrics_path) else []
-        with open(metrics_path, "w") as f:  # drop lines of steps a crash lost, or cut short: they are redone
-            f.writelines(kept)
-    if args.sample_every and start == 0:
-        save_samples(transformer, vae, sample_noise, conditioning(embeds(sample_caption), args.resolution, device),
-                     sample_caption, os.path.join(args.output_dir, "samples", "step-000000.png"), args, rank, world)
-
-    last_checkpoint = os.path.join(args.output_dir, f"checkpoint-{start}") if start else "none"
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="srpo", disable=not master)
-    for step in bar:
-        t0 = time.time()
-        noise = latent_noise(args.resolution, rng(args.seed, "noise", step), device)  # one noise for the whole batch
-        sums, seconds = Counter(), Counter()
-        for j, b in enumerate(mine):  # accumulate this rank's prompts; the gradient is the batch's mean
-            if per_rank > 1:
-                bar.set_postfix_str(f"prompt {j + 1}/{per_rank}")
-            caption = captions[index(step, b)]
-            cond = conditioning(embeds(caption), args.resolution, device)
-            with timer(seconds, "rollout", cuda):
-                if image_paths:  # offline: a real image, with the step's noise
-                    x0 = encode_image(vae, load_image(image_paths[index(step, b)], args.resolution),
-                                      rng(args.seed, "vae", step, b))
-                else:  # online: the current model's own sample from that noise
-                    x0 = rollout(transformer, noise, cond, args.rollout_steps, args.shift, args.rollout_guidance,
-                                 progress=master and cuda)
-            # DDP reduces once, at the last prompt's backward; FSDP2 reduce-scatters every backward into
-            # sharded gradients (an unsharded copy of FLUX's gradients would not fit)
-            sync = args.strategy == "fsdp" or j == per_rank - 1
-            with timer(seconds, "branches", cuda), (nullcontext() if sync else transformer.no_sync()):
-                out = srpo_step(lambda x, s: velocity(transformer, x, s, cond, args.guidance),
-                                lambda x: decode(vae, x, args.resolution), reward, x0, noise, caption, step,
-                                rng(args.seed, "t", step, b), **step_settings(args), loss_scale=1 / per_rank,
-                                autocast=lambda: autocast(device))
-            sums.update(out)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-
-        # the batch's numbers, averaged; a non-finite loss or gradient stops all ranks before the weights change
-        stats = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
-        stats = dict(zip(sums, (stats / args.batch_size).tolist()))
-        if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())):
-            bar.close()
-            fail(f"loss is {stats['loss']} (gradient norm {grad_norm.item()}) at step {step + 1}: stopped before "
-                 f"the optimizer step; last good checkpoint: {last_checkpoint}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not weights_finite(trainable):  # nothing is saved from here on
-            bar.close()
-            fail(f"the weights became non-finite at step {step + 1} (loss {stats['loss']}, gradient norm "
-                 f"{grad_norm.item()}): stopped before saving; last good checkpoint: {last_checkpoint}")
-
-        record = {"step": step + 1, "loss": stats["loss"]}
-        for n in ("denoise", "inversion"):
-            record[f"reward_{n}"] = stats.get(f"reward_{n}")
-            record[f"sigma_{n}"] = [stats[f"sigma_{n}_from"], stats[f"sigma_{n}_to"]] if f"k_{n}" in stats else None
-            record[f"k_{n}"] = stats.get(f"k_{n}")
-        record.update(grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"], step_time_s=time.time() - t0,
-                      time_rollout_s=seconds["rollout"], time_branches_s=seconds["branches"],
-                      max_memory_gib=peak_memory_gib(device))
-        if master:
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0):
-            path, error = checkpoint.save(transformer, optimizer, step + 1, args.output_dir,
-                                          lambda folder: save_weights(transformer, folder, rank), rank, world)
-            if error:
-                bar.close()
-                fail(f"saving checkpoint-{step + 1} in {args.output_dir} failed ({error}); removed it; last good "
-                     f"checkpoint: {last_checkpoint}")
-            last_checkpoint = path
-        if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
-            save_samples(transformer, vae, sample_noise, conditioning(embeds(sample_caption), args.resolution, device),
-                         sample_caption, os.path.join(args.output_dir, "samples", f"step-{step + 1:06d}.png"),
-                         args, rank, world)
-
-    weights = "pytorch_lora_weights" if args.lora_rank else "diffusion_pytorch_model"
-    say(f"done: weights {last_checkpoint}/{weights}.safetensors, metrics "
-        f"{args.output_dir}/metrics.jsonl, samples {args.output_dir}/samples/")
-    dist.barrier()  # no rank tears down its connections while another still sends on them (gloo aborts then)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # every checkpoint-N is complete: a save is renamed into place when done
