@@ -3,6 +3,7 @@ FluxPipeline, exact resume, the Direct-Align step's gradient path, offline mode 
 and bad input. CPU only, tiny random models built offline."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,7 @@ def test_tiny_models_are_rebuilt_when_tiny_py_changes_and_reused_when_not(tmp_pa
     other_code, other_seed = changed.tiny_model_paths(tmp_path / "cache"), tiny.tiny_model_paths(tmp_path / "cache", 1)
     assert len(built) == 6 and len({first, other_code, other_seed}) == 3
 
+
 @pytest.fixture(scope="module")
 def tiny_parts():
     """The tiny transformer, VAE and reward through train.py's own loading paths, and one prompt's conditioning."""
@@ -224,17 +226,131 @@ def step_on(transformer, vae, reward, x0, noise, cond, step, generator, *flags):
                      **train.step_settings(args))
 
 
-def test_direct_align_step_sends_gradient_to_the_transformer_only(tiny_parts):
+REALISM = ["Natural-lighting", "Detail", "Detailed", "Real"]       # the release's word lists, as its functions hold
+CG_OILY = ["Concept art", "Painting", "Anime", "Flat", "Oil"]
+
+
+def release_step(transformer, vae, reward, x0, noise, cond, caption, step, mid_timestep):
+    """Both branches as the release's train_one_step computes them (fastvideo/SRPO.py, HPSv2.1 config), transcribed
+    here with its own names and in its own order: its float32 grids, its `inversion = i % 2` loop (1 first, and 1 is
+    the denoise step), its 1-based step for the control words, its discount arrays indexed by mid_timestep."""
+    L = 1000
+    sigma_schedule = 3 * torch.linspace(1, 0, 51) / (1 + 2 * torch.linspace(1, 0, 51))  # sd3_time_shift(3, ...)
+    sigmas_l = torch.linspace(sigma_schedule[5], sigma_schedule[25], L)
+    discount, discount_inversion = torch.linspace(0.1, 0.25, L), torch.linspace(0.3, 0.01, L)
+    pos_caption, neg_caption = f"{REALISM[step % 4]}. {caption}", f"{CG_OILY[step % 5]}. {caption}"
+    k = min(min(L - mid_timestep, int((1 - 0.9) * L) + 1), mid_timestep)
+    timestep_select = mid_timestep
+    for i in reversed(range(2)):
+        inversion = i % 2
+        mid_timestep = max(timestep_select - k, 1) if inversion == 0 else timestep_select
+        start = min(mid_timestep + k, L)
+        t_base, t_start = L - mid_timestep, L - start
+        sigmas, sigmast = (sigmas_l[t_base], sigmas_l[t_start]) if inversion == 0 else (sigmas_l[t_start],
+                                                                                         sigmas_l[t_base])
+        noisy = sigmas * noise + (1.0 - sigmas) * x0
+        pred = transformer(hidden_states=noisy, timestep=torch.tensor([int(sigmas * 1000) / 1000]),
+                           guidance=torch.tensor([3.5]), return_dict=False, **cond)[0]
+        latents = noisy + (1 if inversion else -1) * (sigmas_l[t_base] - sigmas_l[t_start]) * pred
+        image = flux.decode(vae, (latents - sigmast * noise) / (1 - sigmast), 32)
+        outputs = reward.srp(image, [pos_caption], [neg_caption], discount[mid_timestep].item()) if inversion else \
+            reward.srp(image, [neg_caption], [pos_caption], discount_inversion[mid_timestep].item())
+        torch.nn.functional.relu(-outputs + 0.7).div(2).mean().backward()
+
+
+@pytest.mark.parametrize("t_star", [5, 420, 995])  # both ends, where k is clamped, and the middle
+def test_srpo_step_gives_the_release_gradient(tiny_parts, monkeypatch, t_star):
+    """srpo_step's gradient, on the transformer only, equals the release's computed by its own rule: which would
+    fail with the branches swapped, a k schedule read by the other branch or at the other index, the control
+    words counted from 0, or a sign or a sigma off."""
+    import srpo
     new_transformer, vae, reward, cond = tiny_parts
-    transformer = new_transformer()
     noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
-    x0 = flux.rollout(transformer, noise, cond, 3, 3.0, 1.0)
-    out = step_on(transformer, vae, reward, x0, noise, cond, 0, torch.Generator().manual_seed(1))
-    assert set(out) >= {"loss", "reward_denoise", "reward_inversion"} and out["loss"] > 0
-    assert all(p.grad is not None for p in transformer.parameters())
-    assert sum(p.grad.abs().sum() for p in transformer.parameters()) > 0
+    ours, release = new_transformer(), new_transformer()
+    x0 = flux.rollout(ours, noise, cond, 3, 3.0, 1.0)
+    monkeypatch.setattr(srpo, "sample_t_star", lambda length, generator: t_star)
+    out = step_on(ours, vae, reward, x0, noise, cond, 2, None)  # the third optimizer step: the release's step 3
+    release_step(release, vae, reward, x0, noise, cond, "a cat", 3, t_star)
+    grads = [(a.grad, b.grad) for a, b in zip(ours.parameters(), release.parameters())]
+    # the same math, with the release's float32 window against our float64 one: sigmas differ by ~1e-8, measured up
+    # to 1e-5 of the gradient's size; a swapped k, word or branch moves it by more than a percent
+    assert sum((a - b).norm() ** 2 for a, b in grads) ** 0.5 <= 1e-4 * sum(b.norm() ** 2 for _, b in grads) ** 0.5
+    assert out["loss"] > 0  # the threshold let some gradient through, so the comparison above says something
     assert all(p.grad is None for p in vae.parameters())
     assert all(p.grad is None for p in reward.model.parameters())
+
+
+class Recorder:
+    """An SRP-shaped reward that records what each branch asks: its prompts and its k."""
+    def __init__(self):
+        self.calls = []
+
+    def srp(self, images, pos_prompts, neg_prompts, k):
+        self.calls.append((pos_prompts[0], neg_prompts[0], k))
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("t_star", [5, 60, 500, 950, 995])
+def test_each_branch_reads_its_own_k_schedule_at_its_own_index(monkeypatch, t_star):
+    """The release's rule, computed here: k0 = int((1 - 0.9) * 1000) + 1 clamped to min(k0, L - t*, t*); the denoise
+    branch reads discount_pos at t*, the inversion branch discount_inv at max(t* - k, 1), with the words swapped.
+    Schedules of four distinct values, so reading the other branch's, or at the other index, shows."""
+    import srpo
+    monkeypatch.setattr(srpo, "sample_t_star", lambda length, generator: t_star)
+    reward, x0 = Recorder(), torch.zeros(1, 3, 4, 4)
+    w = torch.zeros((), requires_grad=True)  # a one-parameter model
+    srpo_step(lambda x, s: x + w, lambda x: x, reward, x0, torch.ones_like(x0), "a cat", 0, None,
+              k_denoise=(0.1, 0.2), k_inversion=(0.7, 0.3))
+    k = min(100, 1000 - t_star, t_star)
+    assert reward.calls == [("Detail. a cat", "Painting. a cat", pytest.approx(0.1 + 0.1 * t_star / 999)),
+                            ("Painting. a cat", "Detail. a cat", pytest.approx(0.7 - 0.4 * max(t_star - k, 1) / 999))]
+
+
+def test_control_words_count_optimizer_steps_from_1_as_the_release_does():
+    """The release's loop runs `for step in range(init_steps + 1, ...)` and picks words[step % len(words)]: our
+    first optimizer step (0) is its step 1."""
+    for step in range(12):
+        reward, x0, w = Recorder(), torch.zeros(1, 3, 4, 4), torch.zeros((), requires_grad=True)
+        srpo_step(lambda x, s: x + w, lambda x: x, reward, x0, x0, "a cat", step, torch.Generator().manual_seed(step),
+                  branches=("denoise",))
+        assert reward.calls[0][:2] == (f"{REALISM[(step + 1) % 4]}. a cat", f"{CG_OILY[(step + 1) % 5]}. a cat")
+
+
+SET = ("srpo.py", "direct_align.py", "srpo_reward.py")  # what README.md tells a reader to copy
+
+
+def test_the_method_copies_as_a_set_and_runs_alone(tmp_path):
+    """The three files, alone in an empty folder with no path to this repository: one step on a small nn.Module
+    velocity and a tiny CLIP, whose gradient reaches the module. Their imports name nothing else of the project."""
+    import ast
+    from tiny import tiny_model_paths
+    project = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")} | {"experiments"}
+    for name in SET:
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+                   {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert imported & project <= {os.path.splitext(f)[0] for f in SET}, name
+        assert not imported & {"argparse", "torch.distributed"}, name
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    (tmp_path / "run.py").write_text(f"""
+import sys, torch
+from srpo import srpo_step
+from srpo_reward import load_reward
+model = torch.nn.Conv2d(3, 3, 3, padding=1)
+reward = load_reward("clip", {tiny_model_paths()[1]!r})
+noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    x0 = torch.tanh(model(noise))
+out = srpo_step(lambda x, sigma: model(x) * (1 + sigma), lambda x: (x / 2 + 0.5).clamp(0, 1), reward, x0, noise,
+                "a cat", 0, torch.Generator().manual_seed(1), threshold=10)
+assert model.weight.grad.abs().sum() > 0 and set(out) >= {{"reward_denoise", "reward_inversion"}}
+assert not {{"train", "flux", "inputs", "checkpoint", "tiny"}} & set(sys.modules)
+print("ok", out["loss"])
+""")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("ok "), done.stderr[-3000:]
 
 
 def test_rollout_refuses_an_enclosing_autocast_region(tiny_parts):
