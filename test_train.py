@@ -415,6 +415,22 @@ def test_offline_mode_trains_on_the_vae_encoding_of_captioned_images(tmp_path, t
     assert torch.allclose(x0, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
+def test_prompt_order_file_gives_each_step_the_prompts_the_releases_sampler_gives_its_32_ranks():
+    """The release reads its prompts through DistributedSampler(shuffle=False) on 32 ranks, one prompt per rank a
+    step, the sampler padding the last round with the first prompts. --prompt-order file gives each step the same
+    set on any number of ranks; the default, shuffled, does not."""
+    from torch.utils.data.distributed import DistributedSampler
+    captions = [f"prompt {i}" for i in range(100)]
+    release = [list(DistributedSampler(captions, num_replicas=32, rank=r, shuffle=False)) for r in range(32)]
+    for order, world in [("file", 1), ("file", 8), ("file", 32), ("shuffled", 8)]:
+        args = train.parse_args(["--prompt-order", order, "--batch-size", "32"])
+        for step in range(4):
+            ours = set()
+            for rank in range(world):
+                index, mine = train.prompt_schedule(args, captions, rank, world)
+                ours |= {index(step, b) for b in mine}
+            assert (ours == {release[r][step] for r in range(32)}) == (order == "file"), (order, world, step)
+
 class Brightness:
     """An SRP-shaped reward whose optimum is known: the mean brightness when the positive prompt carries
     "bright", minus it when the roles are swapped (as the inversion branch swaps them)."""
