@@ -324,6 +324,9 @@ def test_the_method_copies_as_a_set_and_runs_alone(tmp_path):
     velocity and a tiny CLIP, whose gradient reaches the module. Their imports name nothing else of the project."""
     import ast
     from tiny import tiny_model_paths
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    copy = readme[readme.index("## Copy the method"):readme.index("```python")]
+    assert all(f"`{name}`" in copy for name in SET)  # the files README.md tells a reader to copy are these
     project = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")} | {"experiments"}
     for name in SET:
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
