@@ -26,11 +26,11 @@ def srpo_step(velocity, decode, reward, x0, noise, caption, step, generator, *, 
               threshold=0.7, branches=BRANCHES, loss_scale=1.0, autocast=nullcontext):
     """Backpropagate both branches of one sample (METHOD.md §2-§4); the defaults are the release's HPSv2.1 config.
 
-        t*                ~ U[5, L - 5] from generator             window W = linspace(g[start], g[end], L)
-        sigma_a, sigma_b  = branch_sigmas(W, t*, gap(rho))        each branch's m reads its own k schedule
-        x0_hat            = direct_align(velocity, x0, noise, sigma_a, sigma_b)
-        r                 = reward.srp(decode(x0_hat), pos, neg, k)    pos / neg swapped on the inversion branch
-        loss              = relu(threshold - r) / len(branches), times loss_scale, backpropagated at once
+        t*                    ~ U[5, L - 5] from generator         window W = linspace(g[start], g[end], L)
+        sigma_from, sigma_to  = branch_sigmas(W, t*, gap(rho))    each branch's m reads its own k schedule
+        x0_hat                = direct_align(velocity, x0, noise, sigma_from, sigma_to)
+        r                     = reward.srp(decode(x0_hat), pos, neg, k)    pos, neg swapped on the inversion branch
+        loss                  = relu(threshold - r) / len(branches), times loss_scale, backpropagated at once
 
     x0: the clean latent (the rollout's, from this very noise, or an encoded image); step: the optimizer step
     counted from 0, which picks the control words; reward: an srpo_reward.SRPReward, or anything with its srp;
@@ -43,17 +43,17 @@ def srpo_step(velocity, decode, reward, x0, noise, caption, step, generator, *, 
     pos, neg = control_prompts(caption, step + 1, pos_words, neg_words)  # the release counts steps from 1
     out = {"loss": 0.0}
     for name in branches:
-        sigma_a, sigma_b, m = sigmas[name]
+        sigma_from, sigma_to, m = sigmas[name]
         k = reward_k(m, k_denoise if name == "denoise" else k_inversion, len(W))
         # The inversion step enters x0_hat with the opposite sign, so it maximizes the reward with the
         # roles swapped: both branches push the model towards the positive words (METHOD.md §4).
         p, n = (pos, neg) if name == "denoise" else (neg, pos)
-        x0_hat = direct_align(velocity, x0, noise, sigma_a, sigma_b)
+        x0_hat = direct_align(velocity, x0, noise, sigma_from, sigma_to)
         with autocast():
             r = reward.srp(decode(x0_hat), [p], [n], k).float()
         loss = srpo_loss(r, threshold).mean() / len(branches)
         (loss * loss_scale).backward()
         out["loss"] += loss.item()
-        out.update({f"reward_{name}": r.item(), f"sigma_{name}_from": sigma_a, f"sigma_{name}_to": sigma_b,
+        out.update({f"reward_{name}": r.item(), f"sigma_{name}_from": sigma_from, f"sigma_{name}_to": sigma_to,
                     f"k_{name}": k})
     return out
