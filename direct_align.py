@@ -46,9 +46,9 @@ def predict_x0(x, velocity, sigma):
 
 def direct_align(velocity_fn, x0, noise, sigma_from, sigma_to):
     """One Direct-Align branch (METHOD.md §2):
-        x_a    = (1 - sigma_from) * x0 + sigma_from * noise           # inject, no gradient
-        x_b    = x_a + (sigma_to - sigma_from) * velocity_fn(x_a, sigma_from)   # gradient flows here only
-        x0_hat = (x_b - sigma_to * noise) / (1 - sigma_to)            # recover with the known noise
+        x_from = (1 - sigma_from) * x0 + sigma_from * noise                      # inject, no gradient
+        x_to   = x_from + (sigma_to - sigma_from) * velocity_fn(x_from, sigma_from)  # gradient flows here only
+        x0_hat = (x_to - sigma_to * noise) / (1 - sigma_to)                      # recover with the known noise
     Denoise branch: sigma_to < sigma_from; inversion branch: sigma_to > sigma_from.
     If velocity_fn returns noise - x0 exactly, x0_hat == x0; otherwise
         x0_hat - x0 = (sigma_to - sigma_from) / (1 - sigma_to) * (v - (noise - x0)).
