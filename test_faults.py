@@ -377,6 +377,8 @@ def test_bad_numbers_and_files_stop_train_py_before_anything_loads(tmp_path, cap
     assert error("--steps", "0").startswith("--steps 0: expected 1 to 999,999 optimizer steps")
     assert error("--steps", "-1").startswith("--steps -1: expected 1 to 999,999 optimizer steps")
     assert error("--lr", "-1").startswith("--lr -1.0: expected a positive learning rate")
+    assert error("--k-inversion", "0.3", "1.5").startswith("--k-inversion 0.3 1.5: expected two numbers from -1 to 1")
+    assert error("--threshold", "70").startswith("--threshold 70.0: expected -20 to 20")
     (tmp_path / "a-file").write_text("")
     assert error("--output-dir", tmp_path / "a-file") == \
         f"--output-dir {tmp_path}/a-file: cannot write in it (File exists)"
