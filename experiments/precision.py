@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import time
 
 import torch
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 import flux
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, train_window
-from experiments.bench import VIT_H_14
+from experiments.measure import VIT_H_14, machine
 from srpo_reward import SRPReward, control_prompts, srpo_loss
 from tiny import clip_tokenizer, tiny_model_paths
 from train import RECIPES, TINY_PROMPTS
@@ -304,14 +303,6 @@ def flux_table(res):
     return table
 
 
-def machine(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
-        if os.path.exists("/proc/cpuinfo") else []
-    return f"{names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -333,7 +324,7 @@ def main(argv=None):
     if args.only != "reward":
         result["transformer"] = flux_section(args, device)
     result["seconds"] = time.time() - t0
-    text = f"{result['machine']}, torch {torch.__version__}, {result['seconds']:.0f} s\n\n"
+    text = f"{result['machine']}, {result['seconds']:.0f} s\n\n"
     if "reward" in result:
         ref, table = reward_tables(result["reward"])
         text += (f"Reference (fp32) cosines, ViT-H-14-shaped CLIP with random weights, k = {args.k}:\n\n{ref}\n"

@@ -1,5 +1,5 @@
-"""Tests of gpu.py's arithmetic and report on GPU-shaped numbers made up here (the script itself needs a GPU for its
-memory terms; `python -m experiments.gpu --tiny` runs it end to end on a CPU). Run:
+"""Tests of gpu_report.py's arithmetic and report on GPU-shaped numbers made up here (its sections need a GPU for their
+memory terms; `bash experiments/gpu.sh OUT --tiny` runs every section end to end on a CPU). Run:
 python -m pytest -q experiments/test_gpu.py"""
 import copy
 import json
@@ -10,10 +10,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import flux
-from experiments import gpu
+from experiments import gpu, gpu_report
 from tiny import tiny_model_paths
 
-CFG = types.SimpleNamespace(**gpu.GPU, tiny=False)
+CFG = types.SimpleNamespace(**gpu.GPU)
 DOUBLE, SINGLE = 339_831_296, 141_591_808  # FLUX.1-dev's blocks: 36 D^2 + 30 D + 4 d and 15 D^2 + 11 D + 2 d
 REST = 11_901_408_320 - 19 * DOUBLE - 38 * SINGLE
 
@@ -29,7 +29,7 @@ def results():
              plan=dict(per_block=dict(double=533e6, single=468e6, other=67e6), transformer=28.0e9,
                        transformer_checkpointed=0.9e9, transformer_recompute=533e6, vae_decode=9.9e9,
                        vae_decode_checkpointed=6.0e9, reward=1.6e9))
-    plan = gpu.reduced_plan(CFG, r)
+    plan = gpu_report.reduced_plan(CFG, r)
     ddp, acts = plan["ddp"], plan["activations"]
     # in the backward of a checkpointed branch: the recomputed double block's and the root's bf16 copies and the
     # largest part, the VAE's peak (above the reward's or one block's); more than all copies at the forward's end
@@ -53,9 +53,9 @@ def results():
 
 
 def test_extrapolation_adds_each_missing_block_at_its_measured_cost():
-    ex = gpu.extrapolate(CFG, results())
+    ex = gpu_report.flux_dev_extrapolation(CFG, results())
     more_double, more_single = 19 - CFG.layers, 38 - CFG.single_layers
-    # approx's 1e-6 relative: float64 sums in another order than gpu.py's (~1e-16 apart); one block more or less
+    # approx's 1e-6 relative: float64 sums in another order than gpu_report.py's (~1e-16 apart); one block more or less
     # changes these times by 1% or more
     assert ex["rollout_s"] == pytest.approx(2.0 + 25 * (more_double * 0.01 + more_single * 0.005))
     assert ex["branches_s"] == pytest.approx(1.0 + 2 * (more_double * 0.04 + more_single * 0.02))
@@ -81,27 +81,27 @@ def test_a_model_with_all_of_flux_dev_blocks_extrapolates_to_itself():
     cfg = types.SimpleNamespace(**dict(vars(CFG), layers=19, single_layers=38))
     r = results()
     r["models"]["params"] = r["models"]["target_params"]
-    ex = gpu.extrapolate(cfg, r)
+    ex = gpu_report.flux_dev_extrapolation(cfg, r)
     # nothing added, but 0.1 * params / params rounds twice in float64: 1e-12 relative
     assert (ex["rollout_s"], ex["branches_s"], ex["optimizer_one_gpu_s"]) == pytest.approx((2.0, 1.0, 0.1), rel=1e-12)
 
 
 def test_report_flags_exactly_the_terms_off_by_more_than_15_percent():
     r = results()
-    assert "**off by" not in gpu.report(CFG, r)
+    assert "**off by" not in gpu_report.report(CFG, r)
     r["anatomy"]["weights"] *= 1.2   # flagged
     r["anatomy"]["frozen"] *= 1.1    # within the tolerance
-    text = gpu.report(CFG, r)
+    text = gpu_report.report(CFG, r)
     assert text.count("**off by") == 1 and "fp32 weights, after load | " in text and "**off by +20%**" in text
 
 
 def test_the_lora_run_is_held_against_the_lora_plan():
     r = results()
-    plan = gpu.reduced_plan(CFG, r)
+    plan = gpu_report.reduced_plan(CFG, r)
     # a bf16 base with fp32 adapters under DDP: far below the full model's plan, and the run is compared with it
     assert plan["lora"]["total_checkpointed"] < 0.5 * plan["ddp"]["total_checkpointed"]
     r["train-lora"]["max_memory_gib"] *= 1.3
-    text = gpu.report(CFG, r)
+    text = gpu_report.report(CFG, r)
     assert "| ddp, LoRA rank 64 | ok |" in text
     assert text.count("**off by") == 1 and "--lora-rank 64, max_memory_allocated | " in text and "+30%" in text
 
@@ -124,18 +124,44 @@ def test_report_of_a_run_cut_short_has_its_notes_and_no_later_tables():
     r = copy.deepcopy(results())
     for key in ("plan", "anatomy", "train-fsdp", "train-ddp"):
         del r[key]
-    r["notes"]["bench"] = "skipped: 470 s gone"
-    text = gpu.report(CFG, r)
-    assert "- bench: skipped: 470 s gone" in text and "## 2." not in text and "EXTRAPOLATED" not in text
+    r["notes"]["bench"] = "stopped after 2 rows"
+    text = gpu_report.report(CFG, r)
+    assert "- bench: stopped after 2 rows" in text and "## 2." not in text and "EXTRAPOLATED" not in text
+    assert "## 1. train.py" in text and "| ddp, LoRA rank 64 | ok |" in text
 
 
 def test_replan_keeps_every_measurement_and_recomputes_only_the_plan(tmp_path, monkeypatch):
     r = results()
     r["plan"] = dict(r["plan"], reward=0.3e9)  # the plan of the day the run was made
     (tmp_path / "gpu.json").write_text(json.dumps(r))
-    monkeypatch.setattr(gpu, "plan_terms", lambda *_: results()["plan"])  # today's (bench.activation_estimate)
-    gpu.main(["--replan", str(tmp_path / "gpu.json"), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(gpu_report.plan, "activation_estimate", lambda: results()["plan"])  # today's
+    gpu_report.main(["--replan", str(tmp_path / "gpu.json"), "--out", str(tmp_path / "out")])
     again = json.load(open(tmp_path / "out" / "gpu.json"))
     assert again["plan"]["reward"] == 1.6e9 and "recomputed" in again["notes"]["plan"]
     assert all(again[k] == r[k] for k in ("anatomy", "train-fsdp", "train-ddp", "train-lora", "models", "date"))
     assert "**off by" not in (tmp_path / "out" / "gpu.md").read_text()
+
+
+def test_report_gathers_the_sections_files_and_notes_what_is_missing(tmp_path, monkeypatch):
+    """What gpu.sh leaves in OUT: each section's file (the bench cut short by its timeout after 2 rows, no anatomy
+    nor rollout). The report takes each section's result and seconds, the run's date and sizes from the models'
+    file, and notes the cut-short bench and every section without a file."""
+    r = results()
+    r["bench"] = dict(repeats=3, draft_k=[1], rollout_steps=25, status="stopped after 2 rows", steps=[
+        dict(method=method, k=k, lora_rank=0, time_s=t, time_ratio=t / 0.5, peak_mem_mb=2000, step_mem_mb=1000,
+             mem_ratio=1.0) for method, k, t in (("direct_align", 1, 0.5), ("direct_align_both", 2, 0.75))])
+    r["models"].update(date="2026-01-02", config=dict(gpu.GPU, lora_rank=8))
+    for name in ("models", "train-lora"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(r[name], status="ok", elapsed_s=12.0)))
+    (tmp_path / "bench.json").write_text(json.dumps(r["bench"]))  # as saved after its second row: no elapsed_s
+    monkeypatch.setattr(gpu_report.plan, "activation_estimate", lambda: results()["plan"])  # 15 s of counting otherwise
+    gpu_report.main(["--out", str(tmp_path)])
+    out = json.load(open(tmp_path / "gpu.json"))
+    assert out["date"] == "2026-01-02" and out["config"]["lora_rank"] == 8 and "date" not in out["models"]
+    assert out["seconds"] == {"models": 12.0, "train-lora": 12.0, "bench": None} and out["plan"] == results()["plan"]
+    assert out["notes"]["bench"] == "stopped after 2 rows"
+    assert {k for k, v in out["notes"].items() if v.startswith("no result")} == {
+        "train-fsdp", "train-ddp", "anatomy", "rollout", "sample", "stability"}
+    text = (tmp_path / "gpu.md").read_text()
+    assert "| ddp, LoRA rank 8 | ok |" in text and "| Direct-Align, both branches | 2 | 0.750 | 1.50 |" in text
+    assert "## 3." not in text and "## 6." not in text and "$" not in text
