@@ -356,6 +356,33 @@ print("ok", out["loss"])
     assert done.returncode == 0 and done.stdout.startswith("ok "), done.stderr[-3000:]
 
 
+class Wrapped(torch.nn.Module):
+    """Stands in for DistributedDataParallel's wrapper: the model under .module, the forward passed on."""
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_velocity_gives_guidance_only_to_a_model_that_embeds_it(tiny_parts):
+    """FLUX.1-schnell has no guidance input: --guidance is then not passed to it (its forward would fail), wrapped as
+    DDP wraps it too; FLUX.1-dev-style models get it. Each against the transformer called directly."""
+    from diffusers import FluxTransformer2DModel
+    _, _, _, cond = tiny_parts
+    x = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    for embeds in (False, True):
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       pooled_projection_dim=32, guidance_embeds=embeds, axes_dims_rope=(4, 6, 6))
+        with torch.no_grad():
+            direct = model(hidden_states=x, timestep=torch.tensor([0.5]), return_dict=False, **cond,
+                           guidance=torch.tensor([3.5]) if embeds else None)[0]
+            for m in (model, Wrapped(model)):
+                assert torch.equal(flux.velocity(m, x, 0.5, cond, 3.5), direct), embeds
+
+
 def test_rollout_refuses_an_enclosing_autocast_region(tiny_parts):
     """METHOD.md §7: inside one autocast region, PyTorch releases before the fix of pytorch#158232 reuse a weight's
     bf16 cast made without gradient in a later pass with gradient, and the weight gets none. The rollout makes such
@@ -499,8 +526,8 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
 def test_bad_input_prints_no_traceback():
     done = run_train("--resolution", "100")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == "error: --resolution 100: expected a multiple of 16 from 16 to 4096 (FLUX packs 2x2 " \
-                                  "patches of the 8x downsampled latent; 4096 px is already 65,536 image tokens)"
+    assert done.stderr.strip() == "error: --resolution 100: expected a multiple of 16 from 16 to 4096 (FLUX packs " \
+                                  "2x2 patches of the 8x downsampled latent; 4096 px is already 65,536 image tokens)"
 
 
 # ---------------------------------------------------------------- LoRA
