@@ -67,7 +67,7 @@ def train_window(start=5, end=25, num_steps=50, shift=3.0, length=1000):
 
 
 def default_gap(rho=0.9, length=1000):
-    """The gap k0 = int((1 - rho) * L) + 1 between the two sigmas of a branch (METHOD.md §3).
+    """The gap gap0 = int((1 - rho) * L) + 1 between the two sigmas of a branch (METHOD.md §3).
     The release evaluates this in float, where (1 - 0.9) * 1000 = 99.99999999999997, so its gap is
     100, not the 101 of exact arithmetic. We follow the release."""
     return int((1 - rho) * length) + 1
@@ -78,20 +78,20 @@ def sample_t_star(length=1000, generator=None):
     return int(torch.randint(5, length - 4, (1,), generator=generator))
 
 
-def branch_sigmas(window, t_star, gap=default_gap()):
+def branch_sigmas(window, t_star, gap0=default_gap()):
     """Sigmas of both branches for one training step (METHOD.md §3), each as (sigma_from, sigma_to, m):
-        k = min(gap, L - t*, t*)
-        denoise:   m = t*,               s = min(m + k, L), from W[L - s] (noisier) to W[L - m]
-        inversion: m = max(t* - k, 1),   s = min(m + k, L), from W[L - m] (cleaner) to W[L - s]
-    m is the index the reward's k-schedules are read at (reward_k). When t* > k both branches end
+        gap = min(gap0, L - t*, t*)                      (the release calls it k)
+        denoise:   m = t*,                 s = min(m + gap, L), from W[L - s] (noisier) to W[L - m]
+        inversion: m = max(t* - gap, 1),   s = min(m + gap, L), from W[L - m] (cleaner) to W[L - s]
+    m is the index the reward's k-schedules are read at (reward_k). When t* > gap both branches end
     at the same sigma W[L - t*]."""
     L = len(window)
-    k = min(gap, L - t_star, t_star)
+    gap = min(gap0, L - t_star, t_star)
     m = t_star
-    s = min(m + k, L)
+    s = min(m + gap, L)
     denoise = (float(window[L - s]), float(window[L - m]), m)
-    m = max(t_star - k, 1)
-    s = min(m + k, L)
+    m = max(t_star - gap, 1)
+    s = min(m + gap, L)
     inversion = (float(window[L - m]), float(window[L - s]), m)
     return {"denoise": denoise, "inversion": inversion}
 

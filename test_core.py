@@ -107,13 +107,13 @@ def test_branch_sigmas_hand_computed():
     W = lambda i: g5 + (g25 - g5) * i / 999  # noqa: E731  linspace(g[5], g[25], 1000)[i], by hand
     # approx's 1e-6 relative: linspace and the hand formula differ by ~1e-16 (float64), while the neighbouring
     # index is 2e-4 relative away, so an off-by-one index fails
-    b = branch_sigmas(train_window(), 500, gap=100)
+    b = branch_sigmas(train_window(), 500, gap0=100)
     assert b["denoise"] == pytest.approx((W(400), W(500), 500))
     assert b["inversion"] == pytest.approx((W(600), W(500), 400))
-    b = branch_sigmas(train_window(), 5, gap=100)  # k = min(100, 995, 5) = 5
+    b = branch_sigmas(train_window(), 5, gap0=100)  # gap = min(100, 995, 5) = 5
     assert b["denoise"] == pytest.approx((W(990), W(995), 5))
     assert b["inversion"] == pytest.approx((W(999), W(994), 1))
-    b = branch_sigmas(train_window(), 995, gap=100)  # k = 5
+    b = branch_sigmas(train_window(), 995, gap0=100)  # gap = 5
     assert b["denoise"] == pytest.approx((W(0), W(5), 995))
     assert b["inversion"] == pytest.approx((W(10), W(5), 990))
 
