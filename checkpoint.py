@@ -38,7 +38,7 @@ HELD = {}  # output_dir's real path -> this process's lock file
 
 
 def lock(output_dir):
-    """Hold output_dir/.lock for the life of this process (rank 0 calls it), or return the holder's description.
+    """Hold output_dir/.lock for the life of this process (rank 0 calls it), or end the run naming its holder.
     The kernel releases the lock when its process dies, however it dies, so a killed run never blocks its
     resume; the file keeps who held it last, for the message. A process runs one train.main at a time, so a lock
     it still holds from an earlier one (ended by an error) is let go first."""
@@ -54,13 +54,13 @@ def lock(output_dir):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        return None, f.read().strip() or "another process"
+        fail(f"--output-dir {output_dir}: in use by another run ({f.read().strip() or 'another process'}); wait for "
+             f"it, or pick another dir")
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     os.fsync(f.fileno())  # other nodes read it (unshared), through a network filesystem's cache
     HELD[key] = f
-    return f, None
 
 
 def unshared(output_dir, world):

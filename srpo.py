@@ -2,7 +2,8 @@
 (METHOD.md §2-§4; the paper's method section, arXiv 2509.06942).
 
 This file, direct_align.py and srpo_reward.py are the method, and copy as a set into any trainer: they import
-torch, transformers and each other, nothing else. What is model-specific comes in as two callables:
+torch, transformers (and ftfy) and each other, nothing else of this project. What is model-specific comes in as
+two callables:
 
     velocity(x, sigma) -> v        the model's velocity v = noise - x0 at latents x (conditioning bound in)
     decode(x0_hat) -> images       latents to images in [0, 1], (B, 3, H, W), differentiable

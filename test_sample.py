@@ -164,8 +164,8 @@ def test_two_ranks_make_the_same_images_as_one(tiny, samples, prompts_file, tmp_
     out = tmp_path / "two"
     # as many threads per rank as this process uses, so only the split of the prompts differs between the runs
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample.py",
-                        "--prompts", prompts_file, "--output-dir", str(out), *ARGS],
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "sample.py", "--prompts", prompts_file, "--output-dir", str(out), *ARGS],
                        capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "3 images rendered, 0 already there" in p.stdout  # summed over the ranks: each image made once

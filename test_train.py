@@ -292,8 +292,8 @@ class Recorder:
 
 @pytest.mark.parametrize("t_star", [5, 60, 500, 950, 995])
 def test_each_branch_reads_its_own_k_schedule_at_its_own_index(monkeypatch, t_star):
-    """The release's rule, computed here: k0 = int((1 - 0.9) * 1000) + 1 clamped to min(k0, L - t*, t*); the denoise
-    branch reads discount_pos at t*, the inversion branch discount_inv at max(t* - k, 1), with the words swapped.
+    """The release's rule, computed here: the gap int((1 - 0.9) * 1000) + 1 clamped to min(gap, L - t*, t*); the
+    denoise branch reads discount_pos at t*, the inversion branch discount_inv at max(t* - gap, 1), words swapped.
     Schedules of four distinct values, so reading the other branch's, or at the other index, shows."""
     import srpo
     monkeypatch.setattr(srpo, "sample_t_star", lambda length, generator: t_star)
@@ -301,9 +301,9 @@ def test_each_branch_reads_its_own_k_schedule_at_its_own_index(monkeypatch, t_st
     w = torch.zeros((), requires_grad=True)  # a one-parameter model
     srpo_step(lambda x, s: x + w, lambda x: x, reward, x0, torch.ones_like(x0), "a cat", 0, None,
               k_denoise=(0.1, 0.2), k_inversion=(0.7, 0.3))
-    k = min(100, 1000 - t_star, t_star)
+    gap = min(100, 1000 - t_star, t_star)
     assert reward.calls == [("Detail. a cat", "Painting. a cat", pytest.approx(0.1 + 0.1 * t_star / 999)),
-                            ("Painting. a cat", "Detail. a cat", pytest.approx(0.7 - 0.4 * max(t_star - k, 1) / 999))]
+                            ("Painting. a cat", "Detail. a cat", pytest.approx(0.7 - 0.4 * max(t_star - gap, 1) / 999))]
 
 
 def test_control_words_count_optimizer_steps_from_1_as_the_release_does():
@@ -333,7 +333,8 @@ def test_the_method_copies_as_a_set_and_runs_alone(tmp_path):
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
                    {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert imported & project <= {os.path.splitext(f)[0] for f in SET}, name
-        assert not imported & {"argparse", "torch.distributed"}, name
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not imported & {"argparse", "torch.distributed"}, name  # as `import` or `from torch import`
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     (tmp_path / "run.py").write_text(f"""
 import sys, torch
@@ -445,21 +446,26 @@ def test_offline_mode_trains_on_the_vae_encoding_of_captioned_images(tmp_path, t
     assert torch.allclose(x0, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
-def test_prompt_order_file_gives_each_step_the_prompts_the_releases_sampler_gives_its_32_ranks():
-    """The release reads its prompts through DistributedSampler(shuffle=False) on 32 ranks, one prompt per rank a
-    step, the sampler padding the last round with the first prompts. --prompt-order file gives each step the same
-    set on any number of ranks; the default, shuffled, does not."""
+def test_prompt_order_release_gives_each_step_the_prompts_the_releases_pipeline_gives_its_32_ranks():
+    """The release's two samplers, as its code runs them: preprocessing reads the prompt file through
+    DistributedSampler(shuffle=True) (seed 0) on 8 ranks and writes rank 0's prompts, then rank 1's, ...; training
+    reads that list through DistributedSampler(shuffle=False) on 32 ranks, one prompt each a step. --prompt-order
+    release gives each step the same set on any number of ranks; the default, shuffled, does not."""
     from torch.utils.data.distributed import DistributedSampler
     captions = [f"prompt {i}" for i in range(100)]
-    release = [list(DistributedSampler(captions, num_replicas=32, rank=r, shuffle=False)) for r in range(32)]
-    for order, world in [("file", 1), ("file", 8), ("file", 32), ("shuffled", 8)]:
-        args = train.parse_args(["--prompt-order", order, "--batch-size", "32"])
-        for step in range(4):
-            ours = set()
+    written = [i for r in range(8) for i in DistributedSampler(captions, num_replicas=8, rank=r, shuffle=True)]
+    release = [list(DistributedSampler(written, num_replicas=32, rank=r, shuffle=False)) for r in range(32)]
+    for order, world in [("release", 1), ("release", 8), ("release", 32), ("shuffled", 8)]:
+        args = train.parse_args(["--prompt-order", order, "--batch-size", "32", "--steps", "3"])
+        for step in range(3):  # 3 full steps of the 104 written
+            ours = []
             for rank in range(world):
-                index, mine = train.prompt_schedule(args, captions, rank, world)
-                ours |= {index(step, b) for b in mine}
-            assert (ours == {release[r][step] for r in range(32)}) == (order == "file"), (order, world, step)
+                index, mine, used = train.prompt_schedule(args, captions, rank, world)
+                ours += [index(step, b) for b in mine]
+                assert {index(s, b) for s in range(3) for b in mine} == set(used)
+            assert (sorted(ours) == sorted(written[release[r][step]] for r in range(32))) == (order == "release"), \
+                (order, world, step)
+
 
 class Brightness:
     """An SRP-shaped reward whose optimum is known: the mean brightness when the positive prompt carries

@@ -127,10 +127,11 @@ def cache_key(seed):
     """What builds the models: this file's code, the seed and the library versions that write them. A changed
     tiny.py, seed or library gets a folder of its own; nothing built by other code is ever reused."""
     import diffusers
+    import tokenizers
     import transformers
     code = open(__file__, "rb").read()
-    key = f"{seed}|{torch.__version__}|{diffusers.__version__}|{transformers.__version__}".encode()
-    return f"seed{seed}-{hashlib.sha256(code + key).hexdigest()[:12]}"
+    key = f"{seed}|{torch.__version__}|{diffusers.__version__}|{transformers.__version__}|{tokenizers.__version__}"
+    return f"seed{seed}-{hashlib.sha256(code + key.encode()).hexdigest()[:12]}"
 
 
 def tiny_model_paths(root=None, seed=0):

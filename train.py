@@ -13,9 +13,6 @@ Four nodes, 32 GPUs, one prompt each, the same recipe: the same flags, on every 
 One GPU: LoRA adapters of rank 64 on a frozen bf16 base (about 35 GiB by the memory plan)
     torchrun --nproc_per_node=1 train.py --model ./FLUX.1-dev --lora-rank 64 --strategy ddp ...
 After a crash, the same command with --resume continues from the newest checkpoint that verifies.
-
-The run, in order (main): flags, inputs, the output folder's lock, the process group, the checkpoint to resume from,
-the models, the prompts and their text embeddings, the optimizer, then the loop of rollouts and srpo.srpo_step.
 """
 import argparse
 import hashlib
@@ -81,6 +78,7 @@ def parse_args(argv=None):
     """The flags, every default stated once (below, or in RECIPES), each range check beside its flag."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     checks = []
+    recipe = lambda key: "; ".join(f"{r[key]} ({name})" for name, r in RECIPES.items() if key in r)  # noqa: E731
 
     def a(*flags, check=None, **kwargs):
         action = p.add_argument(*flags, **kwargs)
@@ -92,29 +90,30 @@ def parse_args(argv=None):
     a("--reward-path", help="HPS_v2.1_compressed.pt, or a PickScore / CLIP folder; default: a tiny CLIP")
     a("--clip-h", help="laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder: HPS's config and tokenizer")
     a("--prompts", help="online mode: a .txt file, one prompt per line, or a .json list of strings (HPDv2's)")
-    a("--prompt-order", default="shuffled", choices=("shuffled", "file"),
-      help="shuffled by --seed, or the file's order, as the release walks it (step s: the file's next batch-size)")
+    a("--prompt-order", default="shuffled", choices=("shuffled", "release"),
+      help="shuffled by --seed, or the release's order (its preprocessing's deal of the file to 8 ranks)")
     a("--image-dir", help="offline mode: images with .txt captions beside them replace the rollout")
     a("--pos-words", nargs="+", default=list(POS_WORDS), help="positive control words (METHOD.md §4)")
     a("--neg-words", nargs="+", default=list(NEG_WORDS), help="negative control words (METHOD.md §4)")
     a("--output-dir", default="out/srpo")
     # the method (METHOD.md §3-§4); None: RECIPES' value
-    a("--resolution", type=int, check=SIZE, help="square training size: 720 (64 on the tiny models)")
+    a("--resolution", type=int, check=SIZE, help="square training size: " + recipe("resolution"))
     a("--rollout-steps", type=int, default=25, help="Euler steps of the online rollout",
       check=(lambda v: 1 <= v <= 1000, "1 to 1000 Euler steps (the transformer sees the timestep "
                                        "floor(1000 sigma) / 1000: 1001 values in all)"))
-    a("--rollout-guidance", type=float, check=GUIDANCE, help="FLUX guidance of the rollout: 1 (hps), 2 (pickscore)")
+    a("--rollout-guidance", type=float, check=GUIDANCE,
+      help="FLUX guidance of the rollout: " + recipe("rollout_guidance"))
     a("--guidance", type=float, default=3.5, check=GUIDANCE, help="FLUX guidance of the trained step and samples")
     a("--shift", type=float, default=3.0, check=(lambda v: 0.01 <= v <= 100, "a shift from 0.01 to 100"),
       help="constant timestep shift of every sigma grid")
     a("--window-start", type=int, default=5, check=(lambda v: 0 <= v < 50, "a step of the 50-step grid, 0 to 49"),
       help="training window starts at g[start] of the 50-step grid")
-    a("--window-end", type=int, help="... and ends at g[end]: 25 (hps), 30 (pickscore)",
+    a("--window-end", type=int, help="... and ends at g[end]: " + recipe("window_end"),
       check=(lambda v: 0 < v <= 50, "a step of the 50-step grid, 1 to 50, after --window-start"))
     a("--rho", type=float, default=0.9, check=(lambda v: 0 < v < 1, "a ratio strictly between 0 and 1"),
       help="groundtruth ratio: branch gap int((1 - rho) * 1000) + 1")
-    a("--k-denoise", type=float, nargs=2, check=K, help="SRP k schedule of the denoise branch, start end")
-    a("--k-inversion", type=float, nargs=2, check=K, help="SRP k schedule of the inversion branch, start end")
+    a("--k-denoise", type=float, nargs=2, check=K, help="SRP k schedule of the denoise branch: " + recipe("k_denoise"))
+    a("--k-inversion", type=float, nargs=2, check=K, help="... of the inversion branch: " + recipe("k_inversion"))
     a("--threshold", type=float, default=0.7, help="loss = relu(threshold - reward)",
       check=(lambda v: -20 <= v <= 20, "-20 to 20 (an SRP reward lies within 15 of 0: at most 3 cosines, times "
                                        "100 / 20 for CLIP and PickScore)"))
@@ -123,13 +122,13 @@ def parse_args(argv=None):
     a("--max-sequence-length", type=int, default=512, check=T5_TOKENS, help="T5 tokens of the FLUX conditioning")
     # optimization (METHOD.md §5)
     a("--batch-size", type=int, help="prompts per optimizer step over all ranks, accumulated one at a time on each: "
-                                     "32 (the release: one on each of 32 GPUs), 2 on the tiny models",
+                                     + recipe("batch_size"),
       check=(lambda v: 1 <= v <= 4096, "1 to 4096 prompts (128 times the release's 32; each costs a rollout and "
                                        "two backward passes)"))
     a("--steps", type=int, default=20, help="optimizer steps (the release's model has 19 updates: --steps 19)",
       check=(lambda v: 1 <= v <= 999_999, "1 to 999,999 optimizer steps (the release takes 20; sample grids are "
                                           "numbered with 6 digits)"))
-    a("--lr", type=float, help="5e-6 (the release's); 1e-4 with --lora-rank",  # AdamW overflows fp32 far above 1
+    a("--lr", type=float, help="AdamW's: " + recipe("lr"),  # AdamW's steps overflow fp32 far above 1
       check=(lambda v: 0 < v < 1, "a positive learning rate below 1"))
     a("--betas", type=float, nargs=2, default=(0.9, 0.999), check=(lambda v: 0 <= v < 1, "two values in [0, 1)"))
     a("--weight-decay", type=float, default=1e-4,
@@ -192,8 +191,7 @@ def step_settings(args):
 
 
 def rng(*key):
-    """A generator seeded by key. Every random draw of a step is keyed by (seed, step, ...), so the step
-    number is the whole RNG state: a resumed run replays exactly what an uninterrupted one draws."""
+    """A generator seeded by key. Every draw is keyed by (seed, step, ...): a resumed run replays what one draws."""
     return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
 
 
@@ -229,6 +227,7 @@ def init_distributed(seed):
         # cuDNN's fused attention failed in the backward pass at FLUX's width and 720x720 (H200, torch 2.11:
         # "mha_graph.execute ... is_good()"); flash attention computes the same
         torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the release: fp32 matmuls (few, outside autocast) in TF32
     torch.manual_seed(seed + rank)
     return rank, world, device
 
@@ -312,14 +311,23 @@ def load_models(args, device, world):
 
 
 def prompt_schedule(args, captions, rank, world):
-    """(index(step, b), this rank's b): prompt b (0 <= b < batch size) of each step, in one order, shuffled by
-    --seed or the file's own; this rank takes b in `mine`. Every random draw is keyed by (step, b), never by rank,
-    so the world size is invisible to the math."""
-    order = torch.randperm(len(captions), generator=rng(args.seed, "order")).tolist() \
-        if args.prompt_order == "shuffled" else list(range(len(captions)))
+    """(index(step, b), this rank's b's, the prompt indices it uses): prompt b (0 <= b < batch size) of each step, in
+    one order. Every random draw is keyed by (step, b), never by rank, so the world size is invisible to the math.
+    The release's order: its preprocessing deals the prompts to 8 ranks, each every 8th of one seed-0 permutation
+    padded to a multiple of 8 (DistributedSampler(shuffle=True)), and writes the ranks' lists one after another;
+    its training walks that list, a step's 32 prompts at a time (METHOD.md §5)."""
+    if args.prompt_order == "shuffled":
+        order = torch.randperm(len(captions), generator=rng(args.seed, "order")).tolist()
+    else:
+        perm = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0)).tolist()
+        perm += perm[:-len(perm) % 8]
+        order = [i for r in range(8) for i in perm[r::8]]
     per_rank = args.batch_size // world
-    return (lambda step, b: order[(step * args.batch_size + b) % len(order)]), range(rank * per_rank,
-                                                                                    (rank + 1) * per_rank)
+    mine = range(rank * per_rank, (rank + 1) * per_rank)
+    index = lambda step, b: order[(step * args.batch_size + b) % len(order)]  # noqa: E731
+    # what this rank uses, each once; step s uses what step s mod len(order) uses, so no more steps need looking at
+    used = dict.fromkeys(index(s, b) for s in range(min(args.steps, len(order))) for b in mine)
+    return index, mine, list(used)
 
 
 def write_run_files(args, before, start):
@@ -340,8 +348,7 @@ def write_run_files(args, before, start):
         f.writelines(kept)
 
 
-def metrics_step(line):
-    """The step of a metrics.jsonl line; 0 for a line a crash cut short."""
+def metrics_step(line):  # 0 for a line a crash cut short
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
@@ -354,9 +361,7 @@ def main(argv=None):
     captions, image_paths = (read_captioned_images(args.image_dir, args.resolution) if args.image_dir else
                              (read_prompts(args.prompts) if args.prompts else TINY_PROMPTS, None))
     if int(os.environ.get("RANK", 0)) == 0:  # one run per output folder: rank 0 holds the lock until it exits
-        _, holder = checkpoint.lock(args.output_dir)
-        if holder:
-            fail(f"--output-dir {args.output_dir}: in use by another run ({holder}); wait for it, or pick another dir")
+        checkpoint.lock(args.output_dir)
     rank, world, device = init_distributed(args.seed)
     master = rank == 0
     say = lambda *a: master and tqdm.write(" ".join(map(str, a)))  # noqa: E731
@@ -375,11 +380,9 @@ def main(argv=None):
         f"trained; per rank under {args.strategy} x {world}: " +
         ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in m.plan.items()))
 
-    index, mine = prompt_schedule(args, captions, rank, world)
+    index, mine, used = prompt_schedule(args, captions, rank, world)
     sample_caption = captions[rank % len(captions)]
-    # each once; step s uses what step s mod len(captions) uses, so no more steps need looking at
-    used = dict.fromkeys(captions[index(s, b)] for s in range(min(args.steps, len(captions))) for b in mine)
-    embeds = encode_prompts(args.model, [*used, sample_caption], args.max_sequence_length,
+    embeds = encode_prompts(args.model, [captions[i] for i in used] + [sample_caption], args.max_sequence_length,
                             os.path.join(args.output_dir, "text_cache"), device,
                             torch.bfloat16 if device.type == "cuda" else torch.float32)
     # foreach: what CUDA tensors and DTensors get by default, here on CPUs too (a loop over DTensors costs as much

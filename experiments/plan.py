@@ -227,7 +227,7 @@ def rank_memory(num_params, world_size, strategy, block_params, frozen, activati
         transformer's kept tensors, plus the larger of the copies at its forward's end and, in the backward, the
         copies still held and the largest of the reward's, the VAE decode's and one recomputed block's peaks (the
         backward frees each part's saved tensors before it runs the next part's);
-      rollout: no activations, but every block's bf16 weights stay gathered for its 25 steps (train.rollout);
+      rollout: no activations, but every block's bf16 weights stay gathered for its 25 steps (flux.rollout);
       frozen, both phases: frozen_bytes.
     A LoRA's base is already bf16: DDP makes no copies of it, FSDP still gathers it block by block."""
     lora = dict(trainable=lora_params, frozen_bytes=2) if lora_params else {}

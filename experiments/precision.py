@@ -195,7 +195,7 @@ def prepare(model, kind, device):
 
 def flux_step_grad(transformer, amp, x0, noise, cond, vae, reward, t_star, device):
     """The transformer's gradients ({name: flat fp32 CPU tensor}) after one Direct-Align step on both branches, as
-    train.srpo_step takes it, but with the VAE and the reward in fp32 on the CPU whatever the mode, so that only
+    srpo.srpo_step takes it, but with the VAE and the reward in fp32 on the CPU whatever the mode, so that only
     the transformer's precision differs; and the step's loss and rewards. amp: the transformer under bf16
     autocast (flux.velocity adds it on CUDA, this function on a CPU)."""
     window = train_window(5, RECIPES["hps"]["window_end"])
