@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from experiments.measure import md_table
+
 MODEL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
              num_attention_heads=12, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
              axes_dims_rope=(16, 56, 56))  # FLUX.1-dev's head size and RoPE axes, half its width, 6 of its 57 blocks
@@ -97,9 +99,9 @@ def main(argv=None):
              for how in ("from_pretrained", "sharded")}
     print(f"FLUX-architecture transformer, {n / 1e6:.0f}M parameters (largest tensor {largest / 1e6:.1f}M), "
           f"2 ranks, FSDP2; peak anonymous resident memory per rank while loading, MiB:\n")
-    print("| loading | measured | the whole fp32 model | plan |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['how']} | {r['peak_mib']:,.0f} | {4 * n / 2**20:,.0f} | {plans[r['how']]:,.0f} |")
+    print(md_table(["loading", "measured", "the whole fp32 model", "plan"],
+                   [[r["how"], f"{r['peak_mib']:,.0f}", f"{4 * n / 2**20:,.0f}", f"{plans[r['how']]:,.0f}"]
+                    for r in rows]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(params=n, largest=largest, rows=rows, plan_mib=plans), f, indent=1)
