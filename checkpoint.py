@@ -34,6 +34,12 @@ MANIFEST = "manifest.json"
 TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
+def trained_state(transformer):
+    """The trained weights, by name. A 4-bit base (flux.quantize_nf4) is frozen, but bitsandbytes adds its
+    quantization state (NAME.weight.absmax, ...) to every state dict: dropped, it is rebuilt from --model."""
+    return {k: v for k, v in get_model_state_dict(transformer, options=TRAINED).items() if ".weight." not in k}
+
+
 HELD = {}  # output_dir's real path -> this process's lock file
 
 
@@ -137,7 +143,7 @@ def save(transformer, optimizer, step, output_dir, publish, rank, world):
     error = agree(error, world)
     if not error:
         try:
-            dcp.save({"model": get_model_state_dict(transformer, options=TRAINED),
+            dcp.save({"model": trained_state(transformer),
                       "optimizer": get_optimizer_state_dict(transformer, optimizer)},
                      checkpoint_id=os.path.join(tmp, "state"))
             publish(tmp)  # collective (it gathers the full weights); rank 0 writes
@@ -221,7 +227,7 @@ def newest_intact(output_dir, rank, world):
 def load(transformer, optimizer, path):
     """Model and AdamW states from a verified checkpoint, each rank reading its shards. A checkpoint of another
     model or LoRA rank (a tensor missing or of another shape) is one line."""
-    state = {"model": get_model_state_dict(transformer, options=TRAINED),
+    state = {"model": trained_state(transformer),
              "optimizer": get_optimizer_state_dict(transformer, optimizer)}
     try:
         dcp.load(state, checkpoint_id=os.path.join(path, "state"))

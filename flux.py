@@ -12,11 +12,14 @@ import os
 import socket
 from contextlib import nullcontext
 
+import bitsandbytes as bnb
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
@@ -125,7 +128,7 @@ def encode_image(vae, pixels, generator):
     """Offline mode's x0 (METHOD.md §5): uint8 pixels (H, W, 3), already at the training size, mapped to [-1, 1],
     encoded by the VAE, shifted and scaled, packed."""
     h, w = pixels.shape[:2]
-    x = (pixels.permute(2, 0, 1)[None].float() / 127.5 - 1).to(vae.device)
+    x = (pixels.permute(2, 0, 1)[None].float() / 127.5 - 1).to(vae.device, vae.dtype)
     latents = vae.encode(x).latent_dist.sample(generator=generator)
     latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
     return FluxPipeline._pack_latents(latents.float(), 1, 16, h // 8, w // 8)
@@ -203,7 +206,65 @@ def add_lora(transformer, rank, alpha, base_dtype, seed):
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                        target_modules=list(LORA_TARGETS)))
     for name, p in transformer.named_parameters():
+        if not p.is_floating_point():  # a 4-bit base's packed weights (quantize_nf4) stay as they are
+            continue
         p.data = p.data.to(torch.float32 if p.requires_grad else base_dtype)
         if p.requires_grad and p.device.type != "meta":
             p.copy_(initial_lora(name, p.shape, seed))
     return transformer
+
+
+# Bytes a weight of a 4-bit base takes in bitsandbytes' NF4 with QLoRA's double quantization: 4 bits, an absmax scale
+# for each block of 64 weights in 8 bits, and an fp32 scale for each block of 256 of those.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# On CPUs with AVX512-BF16, bitsandbytes runs inference (eval mode, no gradient) through a packed bf16 kernel: bf16
+# where the rest of a CPU run is fp32, so results depend on the CPU, and it fails on layers narrower than its blocks
+# of 64 (the tiny models'). Turned off, every CPU dequantizes to compute_dtype and multiplies, as a GPU does.
+
+
+@torch.no_grad()
+def quantize_nf4(model, device, compute_dtype):
+    """Every nn.Linear of model in NF4, QLoRA's 4-bit NormalFloat with its double quantization, as diffusers'
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) quantizes FLUX:
+    bitsandbytes' Linear4bit, each weight quantized on `device` as its layer is replaced, so only one layer is ever
+    there unquantized; biases and the other weights are moved there as they are. Linear4bit dequantizes a block to
+    compute_dtype for each matmul (bf16 on a GPU). The base is frozen: LoRA adapters (add_lora, after this) train
+    around it (train.py --quantize-base nf4, METHOD.md §5)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                q.support_avx512bf16_for_cpu = False  # see NF4_BYTES' comment
+                setattr(module, name, q.to(device))
+    return model.to(device).requires_grad_(False)
+
+
+def num_weights(model):
+    """The model's parameter count, a 4-bit weight counted as the weights it packs."""
+    return sum(p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) else p.numel()
+               for p in model.parameters())
+
+
+def save_weights(transformer, folder, rank):
+    """The published weights of a checkpoint (train.py), written by rank 0, every rank gathering. Every weight trained:
+    the full transformer in diffusers naming (what FluxPipeline's transformer loads) and its config, in bf16 (half
+    the release's fp32 file; FLUX.1-dev runs in bf16; the exact fp32 weights stay in state/). LoRA:
+    pytorch_lora_weights.safetensors in diffusers' format, with its rank and alpha, what
+    FluxPipeline.load_lora_weights takes."""
+    model = getattr(transformer, "module", transformer)
+    lora = getattr(model, "peft_config", None)
+    full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=bool(lora)))
+    if rank == 0 and lora:
+        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model, full),
+                                       transformer_lora_adapter_metadata=lora["default"].to_dict())
+    elif rank == 0:
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in full.items()},
+                  os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+        model.save_config(folder)

@@ -16,8 +16,10 @@ killed job resumes. Each folder gets NNNNN.png (prompt, seed and settings in the
 """
 import argparse
 import json
+import logging
 import os
 
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import-time note on an optional CPU kernel download
 import torch
 import torch.distributed as dist
 from diffusers import FluxPipeline
@@ -27,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from flux import quantize_nf4
 from inputs import SEED, SIZE, T5_TOKENS, check_ranges, fail, read_prompts, run_command
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release write
@@ -50,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="FluxPipeline folder or hub id (default: the tiny random pipeline of tiny.py)")
     p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it")
     p.add_argument("--lora", help=f"SRPO LoRA: {LORA_NAME}, or a folder holding it")
+    p.add_argument("--quantize-base", choices=("nf4",), help="the transformer in 4 bits, as train.py --quantize-base "
+                                                             "trains against: FLUX.1-dev on a 24 GB GPU")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="a .txt file, one prompt per line, or a .json list of strings (HPDv2's)")
@@ -124,11 +129,12 @@ def render(pipe, records, out_dir, rank, world_size):
         if os.path.exists(path):  # complete: an image is only ever renamed into place
             try:
                 with Image.open(path) as im:  # im.text decodes the whole file: a damaged one fails here
-                    key = next((k for k, v in r.items() if im.text.get(k) != str(v)), None)
+                    key = next((k for k in {**r, **im.text} if im.text.get(k) != (str(r[k]) if k in r else None)),
+                               None)
             except (OSError, SyntaxError, ValueError) as e:  # damaged since: a disk, a copy, a hand
                 fail(f"{path}: cannot read it as an image ({e}); remove it and rerun to make it again")
             if key:
-                fail(f"{path}: already made with {key}={im.text.get(key)!r}, this run has {r[key]!r}; use "
+                fail(f"{path}: already made with {key}={im.text.get(key)!r}, this run has {r.get(key)!r}; use "
                      f"another --output-dir for other settings")
             done.add(r["file"])
     mine = records[rank::world_size]
@@ -166,6 +172,9 @@ def main(argv=None):
         fail("--compare: needs --weights or --lora, the SRPO weights to set beside the base model")
     if args.weights and args.lora:
         fail("--weights and --lora: expected one of them, a full transformer or a LoRA")
+    if args.weights and args.quantize_base:
+        fail(f"--weights and --quantize-base {args.quantize_base}: expected --lora (a full transformer's weights are "
+             f"its own, not a 4-bit base's adapters)")
     if args.model is None:  # the tiny random pipeline, built offline on first use
         from tiny import tiny_model_paths
         args.model = tiny_model_paths()[0]
@@ -178,10 +187,14 @@ def main(argv=None):
         torch.cuda.set_device(device)
     if world_size > 1:  # only so rank 0 can wait for the others before it writes prompts.jsonl and grids
         dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        pipe = FluxPipeline.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    try:  # quantized: loaded on the CPU, the transformer quantized onto the device a layer at a time
+        pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype)
     except (OSError, ValueError) as e:
         fail(f"--model {args.model}: cannot load a FluxPipeline ({str(e).splitlines()[0]})")
+    if args.quantize_base:
+        quantize_nf4(pipe.transformer, device, dtype)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # ours is over prompts
     weights = check_weights(args.weights, pipe.transformer) if args.weights else None
     lora = check_lora(args.lora, pipe.transformer) if args.lora else None
@@ -194,7 +207,9 @@ def main(argv=None):
         if lora_file:
             pipe.load_lora_weights(lora_file)
         records = [dict(file=f"{i:05d}.png", prompt=p, seed=args.seed + i, **{k: getattr(args, k) for k in PIPE_ARGS},
-                        model=args.model, weights=w, lora=lora_file) for i, p in enumerate(prompts)]
+                        model=args.model, weights=w, lora=lora_file,
+                        **({"quantize_base": args.quantize_base} if args.quantize_base else {}))
+                   for i, p in enumerate(prompts)]
         counts = torch.tensor(render(pipe, records, out_dir, rank, world_size), device=device)
         if world_size > 1:
             dist.all_reduce(counts)  # also waits until every rank has written its images

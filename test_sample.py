@@ -113,6 +113,35 @@ def test_lora_images_equal_flux_pipeline_with_load_lora_weights(tiny, lora, prom
         assert not np.array_equal(pixels(tmp_path / "base" / f"{i:05d}.png"), expected), i  # the LoRA changed it
 
 
+def test_nf4_lora_images_equal_diffusers_own_4_bit_pipeline(tiny, lora, prompts_file, tmp_path):
+    """sample.py --quantize-base nf4 against diffusers' own path to a 4-bit FLUX: from_pretrained with
+    BitsAndBytesConfig (nf4, double quantization), then load_lora_weights. That loader refuses to start without a
+    GPU (an environment check: bitsandbytes itself quantizes and computes on a CPU), so it is told there is one."""
+    from unittest import mock
+    from diffusers import BitsAndBytesConfig, FluxPipeline, FluxTransformer2DModel
+    sample.main(["--prompts", prompts_file, "--output-dir", str(tmp_path), "--lora", str(lora), "--compare",
+                 "--quantize-base", "nf4", *ARGS])
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    with mock.patch.object(torch.cuda, "is_available", lambda: True):
+        transformer = FluxTransformer2DModel.from_pretrained(tiny[0], subfolder="transformer", dtype=torch.float32,
+                                                             quantization_config=config, device_map="cpu")
+    for m in transformer.modules():  # the fp32 math on every CPU, as flux.quantize_nf4 sets it (see its comment)
+        m.support_avx512bf16_for_cpu = False
+    pipe = FluxPipeline.from_pretrained(tiny[0], transformer=transformer)
+    images = {}
+    for name, path in (("base", None), ("srpo", lora / sample.LORA_NAME)):
+        if path:
+            pipe.load_lora_weights(str(path))
+        for i, p in enumerate(PROMPTS):
+            images[name, i] = np.asarray(pipe(p, height=H, width=W, num_inference_steps=STEPS, guidance_scale=3.5,
+                                              max_sequence_length=MAX_LEN,
+                                              generator=torch.Generator().manual_seed(SEED + i)).images[0])
+            # the same 4-bit weights (both quantize the fp32 file with bitsandbytes' defaults) in the same fp32 math
+            assert np.array_equal(pixels(tmp_path / name / f"{i:05d}.png"), images[name, i]), (name, i)
+    assert all(not np.array_equal(images["base", i], images["srpo", i]) for i in range(len(PROMPTS)))
+
+
 def test_lora_that_is_not_a_flux_lora_of_the_model_is_one_line(tiny, weights, lora, tmp_path, capsys):
     def error(*argv):
         return one_line_error(sample.main, [*ARGS, "--prompt", "a", "--output-dir", str(tmp_path / "out"), *argv],

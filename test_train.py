@@ -99,7 +99,7 @@ def test_world_size_and_strategy_are_invisible_to_the_math(batch_runs):
     row = rows("fsdp-2")[0]
     assert [r["step"] for r in rows("fsdp-2")] == [1, 2] and row["reward_inversion"] is not None
     assert {"loss", "reward_denoise", "sigma_denoise", "sigma_inversion", "k_denoise", "k_inversion", "grad_norm",
-            "lr", "step_time_s", "time_rollout_s", "time_branches_s", "max_memory_gib"} <= set(row)
+            "lr", "step_time_s", "time_rollout_s", "time_branches_s", "max_memory_gib", "max_reserved_gib"} <= set(row)
 
 
 def test_the_published_checkpoint_loads_into_flux_pipeline(batch_runs):
@@ -615,9 +615,10 @@ def test_lora_file_loads_into_flux_pipeline_and_equals_a_hand_merge(lora_runs):
     assert abs(lora_image - base_image).max() > 100 * abs(lora_image - merged_image).max() + 1e-6
 
 
-def test_lora_two_steps_resumed_for_two_more_equal_four_steps(tmp_path):
+@pytest.mark.parametrize("base", [[], ["--quantize-base", "nf4", "--strategy", "ddp"]], ids=["bf16 base", "nf4 base"])
+def test_lora_two_steps_resumed_for_two_more_equal_four_steps(tmp_path, base):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    flags = ["--lora-rank", "4", "--lr", "1e-3", *FAST]
+    flags = ["--lora-rank", "4", "--lr", "1e-3", *base, *FAST]
     for args in ([a, "--steps", "4"], [b, "--steps", "2"], [b, "--steps", "4", "--resume"]):
         train_here("--output-dir", *args, *flags)
     sa, sb = dcp_state(os.path.join(a, "checkpoint-4")), dcp_state(os.path.join(b, "checkpoint-4"))
@@ -627,3 +628,62 @@ def test_lora_two_steps_resumed_for_two_more_equal_four_steps(tmp_path):
     for key, state in sa["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, sb["optimizer"]["state"][key][name]), (key, name)
+
+
+# ---------------------------------------------------------------- LoRA on a 4-bit base (--quantize-base nf4)
+
+def test_a_step_on_the_nf4_base_equals_a_step_on_its_dequantized_weights(tiny_parts):
+    """The adapters learn through bitsandbytes' 4-bit layers exactly what they learn through plain linear layers
+    holding the same, dequantized, weights; the packed base stays bit-identical."""
+    import bitsandbytes as bnb
+    from flux import add_lora, quantize_nf4
+    new_transformer, vae, reward, cond = tiny_parts
+    quantized, plain = quantize_nf4(new_transformer(), torch.device("cpu"), torch.float32), new_transformer()
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == sum(type(m) is torch.nn.Linear for m in plain.modules())  # every linear layer, as diffusers'
+    with torch.no_grad():
+        for name, m in plain.named_modules():
+            if name in layers:
+                w = layers[name].weight
+                m.weight.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state))
+    packed = {n: p.clone() for n, p in quantized.named_parameters() if not p.is_floating_point()}
+    noise = flux.latent_noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    x0 = flux.rollout(plain, noise, cond, 3, 3.0, 1.0)
+    starts, ends = [], []
+    for model in (quantized, plain):
+        add_lora(model, 4, 4.0, torch.float32, seed=0)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        starts.append([p.detach().clone() for p in trainable])
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+        for step in range(2):  # B moves at the first step, then A gets a gradient too
+            step_on(model, vae, reward, x0, noise, cond, step, torch.Generator().manual_seed(step))
+            optimizer.step()
+            optimizer.zero_grad()
+        ends.append(trainable)
+    assert len(ends[0]) == len(ends[1]) > 0
+    # both models compute in fp32 with the same weights; the 4-bit layer dequantizes inside each matmul, so only the
+    # order of fp32 rounding differs: close_updates' 1e-2 of the update holds (a gradient that missed the adapters,
+    # or the quantization error of the weights themselves, moves them by far more)
+    for a, b, start in zip(*ends, starts[1]):
+        assert close_updates(a.detach(), b.detach(), start)
+    assert sum(bool((b.detach() - s).abs().max() > 0) for b, s in zip(ends[1], starts[1])) == len(starts[1])
+    assert all(torch.equal(p, packed[n]) for n, p in quantized.named_parameters() if n in packed)
+
+
+def test_the_lora_trained_on_the_nf4_base_is_diffusers_file_and_loads_onto_the_unquantized_base(tmp_path, lora_runs):
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+    from tiny import tiny_model_paths
+    train_here(*LORA, "--quantize-base", "nf4", "--strategy", "ddp", "--output-dir", tmp_path)
+    path = tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    lora, usual = load_file(path), load_file(lora_runs / "ddp" / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    assert {k: v.shape for k, v in lora.items()} == {k: v.shape for k, v in usual.items()}  # the same layers, sizes
+    trained = dcp_state(tmp_path / "checkpoint-2")["model"]  # what the adapters hold after training
+    assert len(trained) == len(lora) and all(
+        torch.equal(lora[f"transformer.{k.replace('.default', '')}"], v) for k, v in trained.items())
+    pipe = FluxPipeline.from_pretrained(tiny_model_paths()[0])
+    pipe.load_lora_weights(str(path))
+    loaded = {n: p for n, p in pipe.transformer.named_parameters() if ".lora_" in n}
+    assert len(loaded) == len(lora) and all(torch.equal(loaded[k.replace(".weight", ".default_0.weight")
+                                                               .removeprefix("transformer.")], v)
+                                            for k, v in lora.items())

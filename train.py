@@ -17,6 +17,7 @@ After a crash, the same command with --resume continues from the newest checkpoi
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -25,22 +26,23 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 
+# Imported by diffusers and peft, bitsandbytes notes on CPUs with AVX512-BF16 that an optional kernel download is
+# missing: nothing for a user to act on.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from peft.utils import get_peft_model_state_dict
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
-from flux import (add_lora, autocast, conditioning, decode, encode_image, encode_prompts, fill_from_checkpoint,
-                  latent_noise, rollout, transformer_on_meta, velocity)
+from flux import (NF4_BYTES, add_lora, autocast, conditioning, decode, encode_image, encode_prompts,
+                  fill_from_checkpoint, latent_noise, num_weights, quantize_nf4, rollout, save_weights,
+                  transformer_on_meta, velocity)
 from inputs import (SEED, SIZE, T5_TOKENS, check_clip_h, check_flux_folder, check_ranges, fail, load_image,
                     read_captioned_images, read_prompts, run_command)
 from srpo import BRANCHES, srpo_step
@@ -143,6 +145,8 @@ def parse_args(argv=None):
                                        "smaller side of every adapted layer"))
     a("--lora-alpha", type=float, help="LoRA scale alpha / rank; default: the rank (scale 1)",
       check=(lambda v: v >= 0, "a LoRA alpha of at least 0"))
+    a("--quantize-base", choices=("nf4",), help="the frozen base under --lora-rank in 4 bits (QLoRA's NF4), its "
+                                               "reward and VAE in bf16: FLUX.1-dev on one 24 GB GPU (METHOD.md §5)")
     # output
     a("--checkpoint-every", type=int, default=10, check=EVERY, help="0: only at the end")
     a("--sample-every", type=int, default=10, check=EVERY, help="save a PNG grid of samples every N steps (0: never)")
@@ -169,6 +173,9 @@ def check_inputs(args):
              f"batch-size / ranks prompts)")
     if args.lora_rank and not args.lora_alpha > 0:
         fail(f"--lora-alpha {args.lora_alpha}: expected a positive alpha with --lora-rank (0 would train nothing)")
+    if args.quantize_base and not (args.lora_rank and args.strategy == "ddp"):
+        fail(f"--quantize-base {args.quantize_base}: expected --lora-rank and --strategy ddp (a 4-bit base is frozen, "
+             f"so only adapters train; FSDP2 cannot shard bitsandbytes' packed weights)")
     if args.prompts and args.image_dir:
         fail("--prompts and --image-dir: expected one of them, prompts to roll out or captioned images (offline)")
     if args.model:
@@ -270,23 +277,28 @@ def load_models(args, device, world):
     weights (METHOD.md §5). FSDP2: built on the meta device, each block one all-gather unit, then the root; each rank
     then fills only its shards from the checkpoint, so no rank ever holds the full model. DDP needs the full copy
     anyway: loaded straight onto this rank's device. With LoRA the base is frozen, in bf16 on a GPU, and only the
-    fp32 adapters train."""
+    fp32 adapters train; --quantize-base nf4 loads it on the CPU and quantizes it onto the device layer by layer,
+    and the frozen reward and VAE are bf16 on a GPU."""
+    cuda = device.type == "cuda"
+    base_dtype = torch.bfloat16 if args.lora_rank and cuda else torch.float32
+    frozen_dtype = torch.bfloat16 if args.quantize_base and cuda else torch.float32
     try:
-        reward = load_reward(args.reward, args.reward_path, args.clip_h, device)
+        reward = load_reward(args.reward, args.reward_path, args.clip_h, device, frozen_dtype)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
     with loading(args.model, "vae"):
-        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
-    cuda = device.type == "cuda"
-    base_dtype = torch.bfloat16 if args.lora_rank and cuda else torch.float32
+        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=frozen_dtype).to(device).eval() \
+            .requires_grad_(False)
     with loading(args.model, "transformer"):
         transformer = transformer_on_meta(args.model) if args.strategy == "fsdp" else \
             FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=base_dtype,
-                                                   device_map=str(device))
+                                                   device_map=None if args.quantize_base else str(device))
+    if args.quantize_base:
+        quantize_nf4(transformer, device, base_dtype)
     if args.lora_rank:
         add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed)
     transformer.train()
-    sizes = [p.numel() for p in transformer.parameters()]  # before sharding: full sizes
+    num_params, largest = num_weights(transformer), max(p.numel() for p in transformer.parameters())  # unsharded
     if args.gradient_checkpointing:  # the VAE's decoder too: its activations at 720x720 are the next largest
         transformer.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
@@ -304,10 +316,10 @@ def load_models(args, device, world):
         transformer = DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None,
                                               gradient_as_bucket_view=True)  # no second copy of the gradients
     trainable = [p for p in transformer.parameters() if p.requires_grad]  # after fully_shard replaced them
-    plan = memory_plan(sum(sizes), world, args.strategy, max(sizes), sum(p.numel() for p in trainable),
-                       base_dtype.itemsize)
+    plan = memory_plan(num_params, world, args.strategy, largest, sum(p.numel() for p in trainable),
+                       NF4_BYTES if args.quantize_base else base_dtype.itemsize)
     return types.SimpleNamespace(transformer=transformer, vae=vae, reward=reward, trainable=trainable, plan=plan,
-                                 num_params=sum(sizes))
+                                 num_params=num_params)
 
 
 def prompt_schedule(args, captions, rank, world):
@@ -468,7 +480,7 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
             record[f"k_{n}"] = stats.get(f"k_{n}")
         record.update(grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], step_time_s=time.time() - t0,
                       time_rollout_s=seconds["rollout"], time_branches_s=seconds["branches"],
-                      max_memory_gib=peak_memory_gib(device))
+                      **peak_memory_gib(device))
         if master:
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -494,12 +506,14 @@ def timer(seconds, key, cuda):
 
 
 def peak_memory_gib(device):
-    """torch.cuda.max_memory_allocated so far, the largest over ranks; None on a CPU."""
+    """{max_memory_gib, max_reserved_gib}: torch.cuda's peaks so far, allocated and reserved (what a card must hold:
+    the allocator's cache too), the largest over ranks; None on a CPU."""
     if device.type != "cuda":
-        return None
-    peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+        return dict(max_memory_gib=None, max_reserved_gib=None)
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
+                        device=device) / 2**30
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak.item()
+    return dict(zip(("max_memory_gib", "max_reserved_gib"), peak.tolist()))
 
 
 def weights_finite(trainable):
@@ -510,24 +524,6 @@ def weights_finite(trainable):
 
 
 # ----------------------------------------------------------------------------------------- what a run writes
-
-def save_weights(transformer, folder, rank):
-    """The published weights, written by rank 0. Every weight trained: the full transformer in diffusers naming
-    (what FluxPipeline's transformer loads) and its config, in bf16 (half the release's fp32 file; FLUX.1-dev runs
-    in bf16; the exact fp32 weights stay in state/). LoRA: pytorch_lora_weights.safetensors in diffusers' format,
-    with its rank and alpha, what FluxPipeline.load_lora_weights takes."""
-    model = getattr(transformer, "module", transformer)
-    lora = getattr(model, "peft_config", None)
-    full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                     ignore_frozen_params=bool(lora)))
-    if rank == 0 and lora:
-        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model, full),
-                                       transformer_lora_adapter_metadata=lora["default"].to_dict())
-    elif rank == 0:
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in full.items()},
-                  os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-        model.save_config(folder)
-
 
 def save_samples(m, cond, caption, noise, path, args, rank, world):
     """Every rank renders its own fixed prompt from its own fixed noise; rank 0 saves the grid."""
