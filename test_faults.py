@@ -446,6 +446,9 @@ def test_damaged_model_and_reward_files_and_conflicting_flags_are_one_line(tmp_p
     assert error("--reward-path", tmp_path / "hps.pt", "--clip-h", tmp_path / "nope").startswith(
         f"--clip-h {tmp_path}/nope: no config.json in it")
     assert error("--lora-rank", "4", "--lora-alpha", "0").startswith("--lora-alpha 0.0: expected a positive alpha")
+    for flags in (["--strategy", "ddp"], ["--lora-rank", "4"]):  # a 4-bit base without adapters, or under FSDP2
+        assert error("--quantize-base", "nf4", *flags).startswith("--quantize-base nf4: expected --lora-rank and "
+                                                                   "--strategy ddp")
     images = tmp_path / "images"
     images.mkdir()
     assert error("--prompts", tmp_path / "p.txt", "--image-dir", images).startswith("--prompts and --image-dir:")
