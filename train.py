@@ -387,16 +387,16 @@ def main(argv=None):
         tiny_flux, tiny_clip = tiny_model_paths()
         say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
         args.model, args.reward_path = tiny_flux, args.reward_path or tiny_clip
-    m = load_models(args, device, world)
-    say(f"transformer: {m.num_params / 1e6:.1f}M parameters, {sum(p.numel() for p in m.trainable) / 1e6:.1f}M "
-        f"trained; per rank under {args.strategy} x {world}: " +
-        ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in m.plan.items()))
-
+    # the text embeddings first: T5-XXL (9.5 GB) and CLIP-L are freed before the transformer loads
     index, mine, used = prompt_schedule(args, captions, rank, world)
     sample_caption = captions[rank % len(captions)]
     embeds = encode_prompts(args.model, [captions[i] for i in used] + [sample_caption], args.max_sequence_length,
                             os.path.join(args.output_dir, "text_cache"), device,
                             torch.bfloat16 if device.type == "cuda" else torch.float32)
+    m = load_models(args, device, world)
+    say(f"transformer: {m.num_params / 1e6:.1f}M parameters, {sum(p.numel() for p in m.trainable) / 1e6:.1f}M "
+        f"trained; per rank under {args.strategy} x {world}: " +
+        ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in m.plan.items()))
     # foreach: what CUDA tensors and DTensors get by default, here on CPUs too (a loop over DTensors costs as much
     # as a tiny model's step; the same bits)
     optimizer = torch.optim.AdamW(m.trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
