@@ -378,6 +378,10 @@ def test_bad_numbers_and_files_stop_train_py_before_anything_loads(tmp_path, cap
     assert error("--steps", "-1").startswith("--steps -1: expected 1 to 999,999 optimizer steps")
     assert error("--lr", "-1").startswith("--lr -1.0: expected a positive learning rate")
     assert error("--k-inversion", "0.3", "1.5").startswith("--k-inversion 0.3 1.5: expected two numbers from -1 to 1")
+    # an unset shell variable: a blank file name or word, never the built-in demo prompts or an empty comparison
+    assert error("--prompts", "").startswith("--prompts : not found")
+    assert error("--image-dir", "").startswith("--image-dir : folder not found")
+    assert error("--pos-words", "Real", " ").startswith("--pos-words Real  : expected words that are not blank")
     assert error("--threshold", "70").startswith("--threshold 70.0: expected -20 to 20")
     (tmp_path / "a-file").write_text("")
     assert error("--output-dir", tmp_path / "a-file") == \
@@ -458,7 +462,10 @@ def test_damaged_model_and_reward_files_and_conflicting_flags_are_one_line(tmp_p
 
 def test_resume_refuses_what_cannot_continue_names_changed_flags_and_drops_cut_metrics(tmp_path, capsys):
     out = tmp_path / "out"
-    train_here(*FAST, "--steps", "2", "--output-dir", out, "--lr", "1e-3")
+    train_here(*FAST, "--steps", "2", "--output-dir", out, "--lr", "1e-3", "--resume")  # nothing to resume yet: said
+    said = capsys.readouterr()
+    assert f"--resume: no checkpoint in {out} yet; starting at step 0\n" in said.out
+    assert "loss " in said.err and "reward " in said.err  # the progress bar shows them (tqdm writes to stderr)
 
     def resume(*argv):
         return [*FAST, "--output-dir", out, "--resume", "--lr", "1e-3", *argv]

@@ -95,8 +95,9 @@ def parse_args(argv=None):
     a("--prompt-order", default="shuffled", choices=("shuffled", "release"),
       help="shuffled by --seed, or the release's order (its preprocessing's deal of the file to 8 ranks)")
     a("--image-dir", help="offline mode: images with .txt captions beside them replace the rollout")
-    a("--pos-words", nargs="+", default=list(POS_WORDS), help="positive control words (METHOD.md §4)")
-    a("--neg-words", nargs="+", default=list(NEG_WORDS), help="negative control words (METHOD.md §4)")
+    words = (lambda v: v.strip(), "words that are not blank (the reward would compare the caption with itself)")
+    a("--pos-words", nargs="+", default=list(POS_WORDS), check=words, help="positive control words (METHOD.md §4)")
+    a("--neg-words", nargs="+", default=list(NEG_WORDS), check=words, help="negative control words (METHOD.md §4)")
     a("--output-dir", default="out/srpo")
     # the method (METHOD.md §3-§4); None: RECIPES' value
     a("--resolution", type=int, check=SIZE, help="square training size: " + recipe("resolution"))
@@ -176,11 +177,11 @@ def check_inputs(args):
     if args.quantize_base and not (args.lora_rank and args.strategy == "ddp"):
         fail(f"--quantize-base {args.quantize_base}: expected --lora-rank and --strategy ddp (a 4-bit base is frozen, "
              f"so only adapters train; FSDP2 cannot shard bitsandbytes' packed weights)")
-    if args.prompts and args.image_dir:
+    if args.prompts is not None and args.image_dir is not None:
         fail("--prompts and --image-dir: expected one of them, prompts to roll out or captioned images (offline)")
     if args.model:
         check_flux_folder(args.model)
-        if not (args.prompts or args.image_dir):
+        if args.prompts is None and args.image_dir is None:
             fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
         if not args.reward_path:
             fail("--model needs --reward-path (HPS_v2.1_compressed.pt, or a PickScore / CLIP folder)")
@@ -248,6 +249,8 @@ def resume_point(args, rank, world):
     start, broken = checkpoint.newest_intact(args.output_dir, rank, world) if args.resume else (0, None)
     if broken:
         fail(broken)
+    if args.resume and not start and rank == 0:  # a first run of a job that always passes --resume; or a typo
+        tqdm.write(f"--resume: no checkpoint in {args.output_dir} yet; starting at step 0")
     if not start:
         return 0, {}
     try:
@@ -370,8 +373,8 @@ def metrics_step(line):  # 0 for a line a crash cut short
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
-    captions, image_paths = (read_captioned_images(args.image_dir, args.resolution) if args.image_dir else
-                             (read_prompts(args.prompts) if args.prompts else TINY_PROMPTS, None))
+    captions, image_paths = (read_captioned_images(args.image_dir, args.resolution) if args.image_dir is not None else
+                             (TINY_PROMPTS if args.prompts is None else read_prompts(args.prompts), None))
     if int(os.environ.get("RANK", 0)) == 0:  # one run per output folder: rank 0 holds the lock until it exits
         checkpoint.lock(args.output_dir)
     rank, world, device = init_distributed(args.seed)
@@ -473,6 +476,8 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
             stop(f"the weights became non-finite at step {step + 1} (loss {stats['loss']}, gradient norm "
                  f"{grad_norm}): stopped before saving")
 
+        bar.set_postfix_str(f"loss {stats['loss']:.4f}, reward " + " ".join(
+            f"{stats[f'reward_{n}']:.4f}" for n in ("denoise", "inversion") if f"reward_{n}" in stats))
         record = {"step": step + 1, "loss": stats["loss"]}
         for n in ("denoise", "inversion"):
             record[f"reward_{n}"] = stats.get(f"reward_{n}")
