@@ -17,7 +17,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
@@ -45,7 +45,17 @@ def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, d
     def path(prompt):
         key = f"{os.path.abspath(model_dir)}|{stamp}|{max_sequence_length}|{prompt}"
         return os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
-    todo = [p for p in dict.fromkeys(prompts) if not os.path.isfile(path(p))]
+
+    def intact(file):  # written whole and renamed; a disk or a hand may still cut or garble it
+        try:
+            with safe_open(file, "pt") as f:
+                return set(f.keys()) == {"encoder_hidden_states", "pooled_projections"}
+        except (SafetensorError, OSError):
+            return False
+    todo = [p for p in dict.fromkeys(prompts) if not intact(path(p))]
+    damaged = sum(os.path.isfile(path(p)) for p in todo)
+    if damaged:
+        tqdm.write(f"{cache_dir}: {damaged} damaged text embeddings computed again")
     if todo:
         os.makedirs(cache_dir, exist_ok=True)
         pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype).to(device)
