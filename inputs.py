@@ -2,9 +2,11 @@
 images. A problem ends the run with one line, `error: ...`, naming the flag or file and what was expected, and exit
 code 2 (`fail`), never a traceback."""
 import contextlib
+import ctypes
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -34,22 +36,34 @@ def fail(message, this_rank_only=False):
     sys.exit(2)
 
 
-def run_command(main, after_ctrl_c):
+def run_command(main, after_stop):
     """Run main() as the process's command and end the process with its exit code: 0, or fail's 2. An OSError
     the disk causes (full, read-only, a size limit) is one line from the rank that met it. The process then ends
     with os._exit, skipping the interpreter's teardown: there, a rank's gloo threads can be destroyed while still
     joinable and abort the process ("terminate called without an active exception") after its work was done.
-    Ctrl-C (SIGINT, which torchrun passes on to every rank) ends the process at once, also by os._exit, as a kill
-    would, so no rank waits in a collective for one already gone: one line from rank 0, `error: interrupted
-    (Ctrl-C); ` + after_ctrl_c, exit code 130 (128 + SIGINT). Unless SIGINT was ignored when the process started."""
-    def ctrl_c(signum, frame):
-        if int(os.environ.get("RANK", 0)) == 0:
+    Ctrl-C (SIGINT, which torchrun passes on to every rank), SIGTERM (a scheduler's preemption; torchrun's, once
+    another rank has ended) and the launcher's death (the kernel's SIGUSR2 to a rank of torchrun) end the process at
+    once, also by os._exit, as a kill would, so no rank waits in a collective for one already gone: one line from
+    rank 0 saying which, then after_stop; exit code 128 + the signal. A rank whose peer has ended mid-collective says
+    so in one line."""
+    rank = int(os.environ.get("RANK", 0))
+    stops = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGUSR2: "the launcher (torchrun) is gone",
+             signal.SIGTERM: "stopped by SIGTERM (a scheduler, a kill, or torchrun as a rank ended)"}
+
+    def stop(signum, frame):
+        if rank == 0:
             with contextlib.suppress(RuntimeError, OSError):  # the main thread may be inside a write to stdout
                 sys.stdout.flush()
-            os.write(2, f"\nerror: interrupted (Ctrl-C); {after_ctrl_c}\n".encode())  # below a progress bar
+            os.write(2, f"\nerror: {stops[signum]}; {after_stop}\n".encode())  # below a progress bar
         os._exit(128 + signum)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, ctrl_c)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # unless it was ignored when the process began
+        signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform == "linux":  # a rank ends with its launcher: the kernel
+        signal.signal(signal.SIGUSR2, stop)                              # sends it SIGUSR2 once torchrun is gone
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR2)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # gone already, before this rank got here
+            stop(signal.SIGUSR2, None)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit then fails a write (an OSError), not the process
     try:
         try:
@@ -57,6 +71,12 @@ def run_command(main, after_ctrl_c):
             code = 0
         except OSError as e:
             fail(f"{e.filename or 'a file'}: {e.strerror or e}", this_rank_only=True)
+        except RuntimeError as e:  # gloo's or NCCL's, in a collective whose peer has ended
+            if not (dist.is_initialized() and ("gloo" in str(e) or "NCCL" in str(e))):
+                raise
+            lost = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0]).split(". This is")[0]
+            os.write(2, f"error: rank {rank}: lost another rank ({lost}); {after_stop}\n".encode())
+            code = 1  # no teardown of a process group whose peer is gone: it can wait for it
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)  # sys.exit(): 0
     sys.stdout.flush()

@@ -37,6 +37,7 @@ os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
 FAST = ["--rollout-steps", "2", "--resolution", "32", "--max-sequence-length", "32", "--sample-every", "0"]
 RUN = [*FAST, "--steps", "6", "--checkpoint-every", "2", "--lr", "1e-3"]  # batch 2: one prompt a rank on two
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+AFTER = "the same command with --resume continues from the newest checkpoint"
 
 # train.py with one rank paused at a chosen moment until the test kills it: PAUSE=step:N:RANK pauses after the
 # backward of step N, before its optimizer step; PAUSE=save:N:RANK inside the save of checkpoint-N, once this
@@ -176,8 +177,10 @@ def interrupt(out, pause, sig, whom, resume):
 @pytest.mark.slow
 def test_kill_9_mid_step_and_mid_save_sigterm_and_ctrl_c_then_resume_ends_bit_identical(tmp_path, reference):
     out = tmp_path / "out"
-    # kill -9 of rank 1 in step 3, after its backward: checkpoint-2 is the newest, and intact
-    interrupt(out, "step:3:1", signal.SIGKILL, "rank", resume=False)
+    # kill -9 of rank 1 in step 3, after its backward: checkpoint-2 is the newest, and intact; rank 0 says what
+    # happened (it lost its peer in a collective, or torchrun stopped it), and how to go on
+    output = interrupt(out, "step:3:1", signal.SIGKILL, "rank", resume=False)
+    assert one_error(output).endswith(f"; {AFTER}") and "rank 0: lost another rank" in output or "SIGTERM" in output
     assert checkpoints(out) == ["checkpoint-2"] and intact(out / "checkpoint-2")
     assert [r["step"] for r in rows(out)] == [1, 2]
     # the killed run's lock file names its rank 0, which is gone: it must not block the resume
@@ -188,14 +191,19 @@ def test_kill_9_mid_step_and_mid_save_sigterm_and_ctrl_c_then_resume_ends_bit_id
     interrupt(out, "save:4:1", signal.SIGKILL, "rank", resume=True)
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4.tmp"]
     assert os.listdir(out / "checkpoint-4.tmp" / "state") and not (out / "checkpoint-4.tmp" / "manifest.json").exists()
-    # --resume from checkpoint-2 again, and SIGTERM to torchrun (what a scheduler sends) in step 5
-    interrupt(out, "step:5:0", signal.SIGTERM, "torchrun", resume=True)
+    # --resume from checkpoint-2 again, and SIGTERM to torchrun (what a scheduler sends) in step 5: one line
+    output = interrupt(out, "step:5:0", signal.SIGTERM, "torchrun", resume=True)
+    assert one_error(output) == f"stopped by SIGTERM (a scheduler, a kill, or torchrun as a rank ended); {AFTER}"
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and intact(out / "checkpoint-4")
+    # --resume from checkpoint-4, and kill -9 of torchrun itself in step 5: its ranks end with it (this returns only
+    # once they have closed its pipes), one line, and the folder is free for the next run
+    output = interrupt(out, "step:5:0", signal.SIGKILL, "torchrun", resume=True)
+    assert one_error(output) == f"the launcher (torchrun) is gone; {AFTER}"
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     # --resume from checkpoint-4, and Ctrl-C (SIGINT to torchrun, which passes it on) inside the save of checkpoint-6,
     # with rank 1 paused there and rank 0 waiting for it in a collective: one line, and no checkpoint-6
     output = interrupt(out, "save:6:1", signal.SIGINT, "torchrun", resume=True)
-    assert one_error(output) == \
-        "interrupted (Ctrl-C); the same command with --resume continues from the newest checkpoint"
+    assert one_error(output) == f"interrupted (Ctrl-C); {AFTER}"
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6.tmp"]
     # --resume to the end: the same bits as the run that was never interrupted
     code, output = finish(launch(*RUN, "--output-dir", out, "--resume", nproc=2))
