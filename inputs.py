@@ -135,6 +135,9 @@ def read_text(path, flag, what):
         fail(f"{where}: not found (expected {what})")
     except OSError as e:  # a folder, no permission, an I/O error
         fail(f"{where}: cannot read it ({e.strerror or e}; expected {what})")
+    if b"\0" in raw:  # UTF-16 without a byte-order mark decodes as UTF-8, one NUL a letter
+        line = raw[:raw.index(b"\0")].count(b"\n") + 1
+        fail(f"{where}:{line}: a NUL byte (UTF-16, or not text; expected {what} in UTF-8)")
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")  # editors on Windows start UTF-8 files with a BOM
     except UnicodeDecodeError as e:

@@ -386,6 +386,10 @@ def test_bad_numbers_and_files_stop_train_py_before_anything_loads(tmp_path, cap
     assert error("--steps", "-1").startswith("--steps -1: expected 1 to 999,999 optimizer steps")
     assert error("--lr", "-1").startswith("--lr -1.0: expected a positive learning rate")
     assert error("--k-inversion", "0.3", "1.5").startswith("--k-inversion 0.3 1.5: expected two numbers from -1 to 1")
+    (tmp_path / "utf16.txt").write_bytes("a cat\na dog\n".encode("utf-16-le"))  # no byte-order mark: NULs
+    assert error("--prompts", tmp_path / "utf16.txt") == (
+        f"--prompts {tmp_path}/utf16.txt:1: a NUL byte (UTF-16, or not text; expected a .txt file with one prompt per "
+        f"line, or a .json list of strings in UTF-8)")
     # an unset shell variable: a blank file name or word, never the built-in demo prompts or an empty comparison
     assert error("--prompts", "").startswith("--prompts : not found")
     assert error("--image-dir", "").startswith("--image-dir : folder not found")
