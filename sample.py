@@ -1,7 +1,7 @@
 """Generate images with SRPO weights: diffusers' FluxPipeline with the release's inference settings, 1-N GPUs.
 
 CPU, the tiny random pipeline (no download; the settings only make it quick):
-    python sample.py --prompt "a cat on a red chair" --height 64 --width 64 --num-inference-steps 8
+    python sample.py --prompt "a cat on a red chair"
 One GPU, FLUX.1-dev with the SRPO transformer (a file train.py wrote, or the release's):
     python sample.py --model black-forest-labs/FLUX.1-dev --weights srpo/diffusion_pytorch_model.safetensors \
         --prompts prompts.txt --output-dir out/srpo
@@ -38,6 +38,8 @@ PIPE_ARGS = ("height", "width", "num_inference_steps", "guidance_scale", "max_se
 SHEET_IMAGES = 16  # contact sheet: the first 16 images, 4 per row
 COMPARE_ROWS = 8   # compare.png: the first 8 prompts, base left, SRPO right
 THUMB = 512        # grid cells are shrunk to at most 512 px, so a grid of 1024 px images stays viewable
+RELEASE = dict(height=1024, width=1024, num_inference_steps=50)  # the release's inference settings (METHOD.md §5)
+TINY = dict(height=64, width=64, num_inference_steps=8)          # without --model, the tiny random pipeline
 
 
 # Each numeric flag's valid values, checked before anything loads: (flag, test, what is expected).
@@ -62,12 +64,16 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true", help="base and SRPO, same seeds: DIR/base, DIR/srpo, compare.png")
     # The release's inference settings (METHOD.md §5), named after FluxPipeline's arguments.
     p.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX guidance, default 3.5")
-    p.add_argument("--num-inference-steps", type=int, default=50, help="default 50")
-    p.add_argument("--height", type=int, default=1024, help="a multiple of 16, default 1024")
-    p.add_argument("--width", type=int, default=1024, help="a multiple of 16, default 1024")
+    p.add_argument("--num-inference-steps", type=int,
+                   help=f"default {RELEASE['num_inference_steps']} ({TINY['num_inference_steps']} tiny)")
+    p.add_argument("--height", type=int, help=f"a multiple of 16, default {RELEASE['height']} ({TINY['height']} tiny)")
+    p.add_argument("--width", type=int, help=f"a multiple of 16, default {RELEASE['width']} ({TINY['width']} tiny)")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens, default 512")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; default 0")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in (RELEASE if args.model is not None else TINY).items():  # the tiny random pipeline: seconds an image
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    return args
 
 
 def read_header(flag, path, name):
