@@ -1,6 +1,7 @@
 """One GPU, FLUX.1-dev's width in bf16 at 720x720: train.py's step time and memory against the memory plan, the
 benchmark's step costs and gradient stability, our rollout against FluxPipeline's loop, sample.py's seconds per
-image, and from the per-block numbers an extrapolation to FLUX.1-dev's 19 + 38 blocks (METHOD.md §5, §6).
+image, and from the per-block numbers an extrapolation to FLUX.1-dev's 19 + 38 blocks (METHOD.md §5, §6); then
+FLUX.1-dev at its full depth with LoRA, on a bf16 and on a 4-bit base (full-depth).
 
 Each section is a command of its own (a process of its own, so each has its own peak memory) that writes
 OUT/SECTION.json; gpu_report.py gathers them into gpu.json and gpu.md. experiments/gpu.sh runs them all in order,
@@ -14,12 +15,17 @@ The model: FLUX.1-dev's transformer config (width 3072 = 24 heads x 128, T5 widt
 double + 4 single blocks instead of 19 + 38, so that DDP's 16 bytes per parameter, the activations, the VAE and the
 reward fit an 80 GB card; FLUX.1-dev's VAE config; a ViT-H-14-sized CLIPModel as the reward; random weights in
 FLUX.1-dev's folder layout (text encoders of the right widths, one layer deep: training caches their output).
+full-depth writes the same with all 19 + 38 blocks (11.9B parameters, 24 GB in bf16) into a folder of its own under
+--models, and runs train.py --lora-rank 64 --strategy ddp on it, with the bf16 base and with --quantize-base nf4:
+    python -m experiments.gpu full-depth --models /tmp/m --out OUT      # about 4 minutes on an H200 (estimated)
 """
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 import types
@@ -32,8 +38,9 @@ import sample
 import train
 from direct_align import euler_step, sigma_schedule
 from experiments import bench, stability
-from experiments.measure import (CAPTION, VIT_H_14, caption_embeds, held, load_models, paths, peak, pick_device,
-                                 reset_peak, run_train_py, seconds, stamp, timed, write_models)
+from experiments.measure import (CAPTION, FLUX_DEV, VIT_H_14, caption_embeds, held, load_models, memory_watch,
+                                 paths, peak, pick_device, reset_peak, run_train_py, seconds, stamp, timed,
+                                 write_models)
 from flux import autocast, conditioning, decode, latent_noise, rollout, velocity
 from srpo import srpo_step
 from srpo_reward import control_prompts
@@ -52,30 +59,40 @@ GPU = dict(
     bench_flags=["--repeats", "3"],
     sigmas=[0.9, 0.7, 0.5, 0.3, 0.1],  # of the gradient-stability table
     stability_samples=2,             # noises per sigma (stability.SAMPLES: 4)
+    full_depth=(FLUX_DEV["num_layers"], FLUX_DEV["num_single_layers"]),  # full-depth: FLUX.1-dev's 19 + 38 blocks
+    full_depth_steps=3,              # of train.py, each base; the median of the steps after the first
 )
 TINY = dict(
     layers=1, single_layers=2, heads=2, head_dim=16, text_width=32, pooled_width=32, vae_width=8, reward=None,
     resolution=64, text_len=32, train_steps=3, lora_rank=4, repeats=2,
     sample_flags=["--height", "64", "--width", "64", "--num-inference-steps", "8", "--max-sequence-length", "32"],
-    sample_images=1, bench_flags=["--repeats", "1"], sigmas=[0.9, 0.5, 0.1], stability_samples=1)
+    sample_images=1, bench_flags=["--repeats", "1"], sigmas=[0.9, 0.5, 0.1], stability_samples=1,
+    full_depth=(1, 2), full_depth_steps=3)  # a CPU: FLUX.1-dev's depth at this width takes minutes a run
 
 
 # ----------------------------------------------------------------------------------------- train.py itself
 
 def train_run(cfg, root, out, name):
     """train.py on one rank for cfg.train_steps steps: name is fsdp, ddp, or lora (rank-64 adapters under DDP, the
-    LoRA recipe for one GPU); the medians of the steps after the first, which warms up (kernels, allocator)."""
+    LoRA recipe for one GPU)."""
     flags = ["--resolution", str(cfg.resolution), "--max-sequence-length", str(cfg.text_len),
              "--strategy", "ddp" if name == "lora" else name]
     if name == "lora":
         flags += ["--lora-rank", str(cfg.lora_rank), "--lora-alpha", str(cfg.lora_rank)]
-    rows = run_train_py(root, os.path.join(root, f"train-{name}"), cfg.train_steps, flags, pick_device())
-    with open(os.path.join(out, f"train-{name}-metrics.jsonl"), "w") as f:
+    return train_py_steps(root, out, f"train-{name}", cfg.train_steps, flags, pick_device())
+
+
+def train_py_steps(root, out, name, steps, flags, device, watch=None):
+    """train.py (measure.run_train_py) on the models under root, its metrics copied to OUT/name-metrics.jsonl: the
+    medians of the steps after the first, which warms up (kernels, allocator), and the peaks over all steps."""
+    rows = run_train_py(root, os.path.join(root, name), steps, flags, device, watch)
+    with open(os.path.join(out, f"{name}-metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     median = lambda key: statistics.median(row[key] for row in rows[1:])  # noqa: E731
+    top = lambda key: max(row.get(key) or 0 for row in rows) or None  # noqa: E731
     result = dict(steps=len(rows), step_time_s=median("step_time_s"), rollout_s=median("time_rollout_s"),
-                  branches_s=median("time_branches_s"),
-                  max_memory_gib=max(row["max_memory_gib"] or 0 for row in rows) or None)
+                  branches_s=median("time_branches_s"), max_memory_gib=top("max_memory_gib"),
+                  max_reserved_gib=top("max_reserved_gib"))
     return dict(result, rest_s=result["step_time_s"] - result["rollout_s"] - result["branches_s"])
 
 
@@ -331,6 +348,68 @@ def stability_rows(cfg, root, out):
     return result
 
 
+# ----------------------------------------------------------------------------------------- FLUX.1-dev at full depth
+
+def forward_flops(layers, single_layers, width, text_tokens, image_tokens, text_width, pooled_width, channels=64):
+    """FLOPs of one FLUX transformer call, batch 1, counted from its shapes: every nn.Linear, 2 x its weights for
+    each token it sees, and attention's two products, QK^T and PV, 2 x 2 N^2 D over all N text + image tokens
+    (what torch's FlopCounterMode counts). Not counted: norms, activations, rotary embedding, softmax.
+      double block: each stream's q, k, v, output and 4x MLP, 12 D^2 a token; AdaLN-Zero's two D -> 6D
+        modulations of the one conditioning vector;
+      single block: q, k, v, the MLP's input (D -> 4D) and the output projection (5D -> D), 12 D^2 a token;
+        AdaLN's D -> 3D;
+      the rest: the image (channels -> D) and text (text_width -> D) embedders, the timestep and guidance
+        embedders (256 -> D -> D), the pooled text's (pooled_width -> D -> D), the final AdaLN (D -> 2D) and the
+        output projection (D -> channels)."""
+    D, N = width, text_tokens + image_tokens
+    double = 2 * 12 * D * D * N + 4 * N * N * D + 2 * 2 * 6 * D * D
+    single = 2 * 12 * D * D * N + 4 * N * N * D + 2 * 3 * D * D
+    rest = 2 * (2 * channels * D * image_tokens + text_width * D * text_tokens + 2 * (256 * D + D * D)
+                + pooled_width * D + D * D + 2 * D * D)
+    return layers * double + single_layers * single + rest
+
+
+def full_depth(cfg, root, out):
+    """FLUX.1-dev at full depth and width (cfg.full_depth blocks, random weights written in bf16 by save_pretrained
+    under ROOT/full-depth), its VAE, a ViT-H-14-sized reward; then train.py --lora-rank cfg.lora_rank --strategy
+    ddp on it, a few steps of one prompt at cfg.resolution, first on the bf16 base, then with --quantize-base nf4.
+    Per run: the step's time, rollout and branches (medians after the first step), its transformer TFLOP/s
+    (forward_flops: one call's FLOPs, times the rollout's calls and, per branch, a forward, its recomputation and a
+    backward of 2x), torch's allocated and reserved peaks and the card's (memory_watch)."""
+    device, targs = pick_device(), train.parse_args([])
+    root = os.path.join(root, "full-depth")
+    shutil.rmtree(root, ignore_errors=True)  # a rerun writes them again: 24 GB take about a minute (README)
+    os.makedirs(root)
+    models = write_models(root, *cfg.full_depth, cfg.heads, cfg.head_dim, cfg.vae_width, cfg.text_width,
+                          cfg.pooled_width, cfg.reward, cfg.lora_rank)
+    models["written_bytes"] = sum(os.path.getsize(os.path.join(folder, name))
+                                  for folder, _, names in os.walk(root) for name in names)
+    gc.collect()  # the models written on the GPU: their memory goes back to the card before train.py starts
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    forward = forward_flops(*cfg.full_depth, cfg.heads * cfg.head_dim, cfg.text_len, (cfg.resolution // 16) ** 2,
+                            cfg.text_width, cfg.pooled_width)
+    branches = 2 if targs.branches == "both" else 1
+    result = dict(models=models, forward_flops=forward, rollout_steps=targs.rollout_steps, branches=branches,
+                  step_flops=forward * (targs.rollout_steps + 4 * branches), runs=[],
+                  date=datetime.date.today().isoformat(), config=vars(cfg))
+
+    def run(base):
+        flags = ["--resolution", str(cfg.resolution), "--max-sequence-length", str(cfg.text_len), "--strategy", "ddp",
+                 "--lora-rank", str(cfg.lora_rank), "--lora-alpha", str(cfg.lora_rank)]
+        flags += ["--quantize-base", base] if base != "bf16" else []
+        watch, seen = memory_watch(device)
+        try:
+            r = train_py_steps(root, out, f"full-depth-{base}", cfg.full_depth_steps, flags, device, watch)
+        except SystemExit:  # its log's tail is printed; the other base still runs
+            return dict(base=base, flags=flags, status=f"failed: train.py {' '.join(flags)} (log.txt)")
+        return dict(r, base=base, flags=flags, status="ok", process_gib=seen[0] / 2**30,
+                    tflops=result["step_flops"] / r["step_time_s"] / 1e12,
+                    rollout_tflops=forward * targs.rollout_steps / r["rollout_s"] / 1e12,
+                    branches_tflops=forward * 4 * branches / r["branches_s"] / 1e12)
+    return saved_by_row(out, "full-depth", result, "runs", (run(base) for base in ("bf16", "nf4")))
+
+
 def models(cfg, root, out):
     os.makedirs(root, exist_ok=True)
     return dict(write_models(root, cfg.layers, cfg.single_layers, cfg.heads, cfg.head_dim, cfg.vae_width,
@@ -341,7 +420,7 @@ def models(cfg, root, out):
 SECTIONS = {"models": models,  # in the order gpu.sh runs them
             "train-fsdp": lambda *a: train_run(*a, "fsdp"), "train-ddp": lambda *a: train_run(*a, "ddp"),
             "train-lora": lambda *a: train_run(*a, "lora"), "anatomy": anatomy, "rollout": rollout_vs_pipeline,
-            "sample": sample_speed, "stability": stability_rows, "bench": bench_steps}
+            "sample": sample_speed, "stability": stability_rows, "bench": bench_steps, "full-depth": full_depth}
 
 
 # ----------------------------------------------------------------------------------------- the run

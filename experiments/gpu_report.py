@@ -3,6 +3,8 @@ OUT/gpu.md (gpu_report.md.template filled in), with the plan's terms computed on
 
     python -m experiments.gpu_report --out OUT          # after gpu.py's sections: the last line of experiments/gpu.sh
     python -m experiments.gpu_report --replan experiments/results/gpu-h200.json --out OUT   # against today's plan
+    python -m experiments.gpu_report --out OUT --extrapolation experiments/results/gpu-h100.json
+        # the full-depth section alone, held against an earlier run's extrapolation from 2 + 4 blocks
 """
 import argparse
 import datetime
@@ -18,8 +20,10 @@ from inputs import fail
 
 TOLERANCE = 0.15                     # a plan term off by more than this is flagged, to be fixed
 RELEASE_BATCH, RELEASE_STEPS = 32, 19  # the release's model: saved at step 20, before that step's update
-# Dense bf16 tensor TFLOP/s by NVIDIA's spec sheets: the paper's H20 against the H100 / H200 SXM.
-H20_TFLOPS, H100_TFLOPS = 148, 989
+# Dense bf16 tensor TFLOP/s by NVIDIA's spec sheets: the paper's H20 against the H100 / H200 SXM; a 24 GB RTX 4090
+# (fp32 accumulation, NVIDIA's Ada whitepaper)
+H20_TFLOPS, H100_TFLOPS, RTX_4090_TFLOPS = 148, 989, 165
+GOALS_GIB = dict(nf4=22, bf16=44)    # the issue's: the reserved peak of train.py --lora-rank 64 on FLUX.1-dev
 REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_report.md.template")
 
 
@@ -109,6 +113,11 @@ def flux_dev_extrapolation(cfg, r):
                # FSDP per prompt and rank: bf16 all-gathers of the weights (rollout once; each branch's forward and
                # its backward once each) and fp32 reduce-scatters of the gradients (each branch's backward)
                communication_bytes_per_prompt=(2 * 5 + 4 * 2) * m["target_params"], gpus={})
+    lora = r.get("train-lora") or {}
+    if "rollout_s" in lora:  # train.py's LoRA step on this model, plus the blocks it lacks at full fine-tuning's cost
+        out.update(lora_rollout_s=lora["rollout_s"] + rollout_s - s["rollout_s"],
+                   lora_branches_s=lora["branches_s"] + branches_s - s["branches_s"])
+        out["one_gpu_hours"] = release_hours(out["lora_rollout_s"], out["lora_branches_s"], lora["rest_s"])
     sampled = r.get("sample") or {}
     if "image_s" in sampled:  # sample.py: only its transformer's share grows, as a forward does at 720 x 720
         out.update(sample_transformer_s=sampled["transformer_s"] * forward_growth,
@@ -124,6 +133,13 @@ def flux_dev_extrapolation(cfg, r):
     return out
 
 
+def release_hours(rollout_s, branches_s, rest_s):
+    """{updates: hours} of the release's recipe on one GPU, for its 19 updates and the 20 steps it runs: each update
+    RELEASE_BATCH prompts one at a time (a rollout and the branches each) and the rest of a step once."""
+    return {updates: updates * (RELEASE_BATCH * (rollout_s + branches_s) + rest_s) / 3600
+            for updates in (RELEASE_STEPS, RELEASE_STEPS + 1)}
+
+
 # ----------------------------------------------------------------------------------------- the report
 
 def gib(b):
@@ -132,6 +148,11 @@ def gib(b):
 
 def num(x, fmt=".3f"):
     return "n/a" if x is None else format(x, fmt)
+
+
+def flop(flops):
+    """TFLOP, three digits below 100 (a tiny model's), whole ones above."""
+    return format(flops / 1e12, ".3g" if flops < 1e14 else ",.0f")
 
 
 def ratio(measured, planned):
@@ -143,15 +164,17 @@ def ratio(measured, planned):
 
 def report(cfg, r):
     """gpu.md: the template filled with the run's numbers (fill), without the sections it has none for."""
-    m = r.get("models") or {}
+    m = r.get("models") or (r.get("full-depth") or {}).get("models") or {}
     notes = dict(r["notes"], **({"memory": "on a CPU the process's resident set, not the plan's terms"}
                                 if m.get("device") == "CPU" else {}))
     f = dict(resolution=cfg.resolution, device=m.get("device", "?"), torch=m.get("torch", "?"), date=r["date"],
-             heads=cfg.heads, head_dim=cfg.head_dim, rope=rope_axes(cfg.head_dim), layers=cfg.layers,
-             single_layers=cfg.single_layers, params=num(m.get("params", 0) / 1e9, ".2f"), vae_width=cfg.vae_width,
+             heads=cfg.heads, head_dim=cfg.head_dim, rope=rope_axes(cfg.head_dim), vae_width=cfg.vae_width,
              reward="ViT-H-14-sized CLIP" if cfg.reward else "tiny CLIP", text_len=cfg.text_len,
+             lora_rank=cfg.lora_rank,
              seconds=", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items() if v is not None),
              notes="".join(f"- {name}: {note}\n" for name, note in notes.items()))
+    if r.get("models"):
+        f.update(layers=cfg.layers, single_layers=cfg.single_layers, params=num(m.get("params", 0) / 1e9, ".2f"))
     names = dict(fsdp="fsdp", ddp="ddp", lora=f"ddp, LoRA rank {cfg.lora_rank}")
     trains = [(names[s], r[f"train-{s}"]) for s in names if r.get(f"train-{s}")]
     if trains:
@@ -224,6 +247,11 @@ def report(cfg, r):
                      [f"{gpus} GPUs: minutes for {RELEASE_STEPS} steps", num(g["minutes"], ".1f"),
                       scaled(g["minutes"])],
                      [f"{gpus} GPUs: memory per rank, plan (GiB)", gib(g["memory_plan"]), ""]]
+        if "one_gpu_hours" in ex:  # already train.py's step: its column
+            rows += [[f"1 GPU, --lora-rank {cfg.lora_rank} (bf16 base): s a prompt", "",
+                      num(ex["lora_rollout_s"] + ex["lora_branches_s"], ".1f")]]
+            rows += [[f"1 GPU, --lora-rank {cfg.lora_rank}: hours for {updates} updates", "", num(hours, ".2f")]
+                     for updates, hours in ex["one_gpu_hours"].items()]
         minutes = ex["gpus"][32]["minutes"] * (factor or 1)
         f.update(target_params=f"{ex['params'] / 1e9:.1f}", factor=num(factor, ".2f"), release_batch=RELEASE_BATCH,
                  release_steps=RELEASE_STEPS, h20_tflops=H20_TFLOPS, h100_tflops=H100_TFLOPS,
@@ -231,7 +259,85 @@ def report(cfg, r):
                  h20_minutes=f"{minutes * H100_TFLOPS / H20_TFLOPS:.0f}",
                  communication_gb=f"{ex['communication_bytes_per_prompt'] / 1e9:.0f}",
                  extrapolation_table=md_table(["FLUX.1-dev, extrapolated", "bare model", "x train.py overhead"], rows))
+    if (r.get("full-depth") or {}).get("runs"):
+        f.update(full_depth_fields(cfg, r))
     return fill(open(REPORT).read(), f)
+
+
+def flux_dev_sized(cfg):
+    """Whether the full-depth section ran FLUX.1-dev's size, the one the one-GPU plan is for."""
+    return (tuple(cfg.full_depth) == (FLUX_DEV["num_layers"], FLUX_DEV["num_single_layers"])
+            and (cfg.heads, cfg.head_dim) == (FLUX_DEV["num_attention_heads"], FLUX_DEV["attention_head_dim"])
+            and (cfg.resolution, cfg.text_len) == (plan.RESOLUTION, plan.TEXT_TOKENS) and cfg.reward is not None
+            and cfg.vae_width == 128 and cfg.lora_rank in plan.ONE_GPU_RANKS)
+
+
+def full_depth_fields(cfg, r):
+    """Section 9's fields: the full-depth runs, held against the one-GPU plan (plan.one_gpu_plan; where the run was
+    FLUX.1-dev's size) and against the extrapolation from 2 + 4 blocks (full_depth_extrapolation)."""
+    fd, ex = r["full-depth"], r.get("full_depth_extrapolation")
+    ok = {run["base"]: run for run in fd["runs"] if run["status"] == "ok"}
+    planned = {row["base"]: row for row in (r.get("one_gpu_plan") or {}).get("rows", [])
+               if row["rank"] == cfg.lora_rank}
+    models = fd["models"]
+    f = dict(full_layers=cfg.full_depth[0], full_single_layers=cfg.full_depth[1], full_steps=cfg.full_depth_steps,
+             full_params=num(models["params"] / 1e9, ".3g"), written_gb=num(models["written_bytes"] / 1e9, ".3g"),
+             write_s=num(models["seconds"], ".0f"), forward_tflop=flop(fd["forward_flops"]),
+             step_tflop=flop(fd["step_flops"]), full_rollout_steps=fd["rollout_steps"],
+             full_branches=fd["branches"])
+    f["full_depth_table"] = md_table(
+        ["base", "status", "step s", "rollout s", "branches s", "rest s", "TFLOP/s, step", "TFLOP/s, rollout",
+         "TFLOP/s, branches", "max allocated GiB", "max reserved GiB", "card's used GiB"],
+        [[run["base"], run["status"], *(num(run.get(k)) for k in ("step_time_s", "rollout_s", "branches_s", "rest_s")),
+          *(num(run.get(k), ".3g") for k in ("tflops", "rollout_tflops", "branches_tflops")),
+          *(num(run.get(k), ".2f") for k in ("max_memory_gib", "max_reserved_gib", "process_gib"))]
+         for run in fd["runs"]])
+    gpu = [base for base, run in ok.items() if run.get("max_reserved_gib")]
+    if gpu:
+        rows, source = [], (r.get("one_gpu_plan") or {}).get("reserve_source", "n/a")
+        for base in gpu:
+            run, p = ok[base], planned.get(base)
+            allocated, reserved, card = (run[k] * 2**30 for k in ("max_memory_gib", "max_reserved_gib", "process_gib"))
+            planned_reserved = p and p["allocated"] + p["reserve"]
+            rows += [[f"{base}: max allocated", gib(allocated), gib(p and p["allocated"]),
+                      *ratio(allocated, p and p["allocated"])],
+                     [f"{base}: max reserved (allocated + the allocator's reserve)", gib(reserved),
+                      gib(planned_reserved), *ratio(reserved, planned_reserved)],
+                     [f"{base}: the card's used (reserved + what torch does not see)", gib(card),
+                      gib(p and p["total"]), *ratio(card, p and p["total"])],
+                     [f"{base}: card's used - reserved (the context; plan: assumed)", gib(card - reserved),
+                      gib(p and p["context"]), *ratio(card - reserved, p and p["context"])],
+                     [f"{base}: reserved / allocated (plan: {source})", num(reserved / allocated, ".2f"),
+                      num(p and planned_reserved / p["allocated"], ".2f"), "", ""]]
+        f["full_memory_table"] = ("Memory against the one-GPU plan (plan.one_gpu_row, PLANNED for FLUX.1-dev at "
+                                  f"rank {cfg.lora_rank}), GiB:\n\n" + md_table(
+                                      ["term", "measured", "plan", "measured / plan", ""], rows))
+        f["goals"] = "; ".join(f"{base} base {ok[base]['max_reserved_gib']:.2f} GiB (goal: under {GOALS_GIB[base]}): "
+                               + ("met" if ok[base]["max_reserved_gib"] < GOALS_GIB[base] else "**not met**")
+                               for base in gpu if base in GOALS_GIB)
+    if ex and tuple(cfg.full_depth) == (FLUX_DEV["num_layers"], FLUX_DEV["num_single_layers"]):  # its target
+        measured = lambda base, key: num(ok[base][key]) if base in ok else "n/a"  # noqa: E731
+        f["extrapolation_source"] = ex["source"]
+        f["full_extrapolation_table"] = md_table(
+            ["a prompt", "bare model + blocks", "train.py LoRA + blocks", "measured, bf16 base", "measured, nf4 base"],
+            [[f"{phase} s", num(ex[f"{phase}_s"]), num(ex.get(f"lora_{phase}_s")), measured("bf16", f"{phase}_s"),
+              measured("nf4", f"{phase}_s")] for phase in ("rollout", "branches")])
+        if "bf16" in ok and "lora_rollout_s" in ex:
+            q = {phase: ok["bf16"][f"{phase}_s"] / ex[f"lora_{phase}_s"] for phase in ("rollout", "branches")}
+            f["full_extrapolation_verdict"] = (
+                "Measured on the bf16 base over the LoRA extrapolation: "
+                + ", ".join(f"{phase} {x:.2f}x" for phase, x in q.items()) + "; "
+                + ("within" if all(abs(x - 1) <= TOLERANCE for x in q.values()) else "**outside**")
+                + f" the {TOLERANCE:.0%} tolerance.")
+    hours = {base: release_hours(run["rollout_s"], run["branches_s"], run["rest_s"]) for base, run in ok.items()}
+    if hours and models["device"] != "CPU":
+        f.update(hours_batch=RELEASE_BATCH, hours_updates=RELEASE_STEPS, hours_steps=RELEASE_STEPS + 1)
+        f["full_hours_table"] = md_table(
+            ["base", *(f"hours, {updates} updates" for updates in (RELEASE_STEPS, RELEASE_STEPS + 1)),
+             f"... up to, on an RTX 4090 ({RTX_4090_TFLOPS} against {H100_TFLOPS} dense bf16 TFLOP/s, compute alone)"],
+            [[base, *(num(h, ".2f") for h in hs.values()), num(hs[RELEASE_STEPS + 1] * H100_TFLOPS / RTX_4090_TFLOPS,
+                                                               ".1f")] for base, hs in hours.items()])
+    return f
 
 
 def fill(template, fields):
@@ -265,8 +371,9 @@ def gathered(out):
         r["seconds"][name] = r[name].pop("elapsed_s", None)
         if r[name]["status"] != "ok":
             r["notes"][name] = r[name]["status"]
-    r["date"] = (r.get("models") or {}).pop("date", datetime.date.today().isoformat())
-    r["config"] = (r.get("models") or {}).pop("config", {})
+    first = r.get("models") or r.get("full-depth") or {}  # full-depth alone: its own date and sizes
+    r["date"] = first.pop("date", datetime.date.today().isoformat())
+    r["config"] = first.pop("config", {})
     return r
 
 
@@ -284,16 +391,33 @@ def earlier_run(path):
     return r
 
 
+def full_depth_extrapolation(path, r):
+    """The extrapolation from 2 + 4 blocks that the full-depth runs are held against: that of the run at path (a
+    gpu.json), or the run's own; with its source named."""
+    if not path:
+        return r["extrapolation"] and dict(r["extrapolation"], source="this run's sections 3 and 1")
+    earlier = earlier_run(path)
+    ex = flux_dev_extrapolation(types.SimpleNamespace(**dict(GPU, **earlier.get("config", {}))), earlier)
+    if ex is None:
+        fail(f"--extrapolation {path}: the run has no anatomy section to extrapolate from")
+    return dict(ex, source=f"{path}: {earlier['models']['device']}, {earlier['date']}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of gpu.py's SECTION.json files; gpu.json and gpu.md go there")
     p.add_argument("--replan", metavar="GPU_JSON", help="a run's gpu.json instead of --out's sections")
+    p.add_argument("--extrapolation", metavar="GPU_JSON", help="hold the full-depth runs against this run's "
+                   "extrapolation from 2 + 4 blocks (a gpu.json this script wrote); default: the run's own")
     args = p.parse_args(argv)
     r = earlier_run(args.replan) if args.replan else gathered(args.out)
     r["plan"] = plan.activation_estimate()  # FLUX.1-dev's width, counted on this machine's CPU: 15 s on 2 cores
     cfg = types.SimpleNamespace(**dict(GPU, **r.get("config", {})))  # the run's own sizes; older runs lack some
     r["memory"] = [dict(term=t, measured=mb, plan=pb) for t, mb, pb in memory_rows(cfg, r)]
     r["extrapolation"] = flux_dev_extrapolation(cfg, r)
+    if r.get("full-depth"):
+        r["one_gpu_plan"] = plan.one_gpu_plan(plan.one_gpu_counts(), r["plan"]) if flux_dev_sized(cfg) else None
+        r["full_depth_extrapolation"] = full_depth_extrapolation(args.extrapolation, r)
     os.makedirs(args.out, exist_ok=True)
     save(args.out, "gpu", r)
     with open(os.path.join(args.out, "gpu.md"), "w") as f:

@@ -1,6 +1,7 @@
-"""What the experiments measure with, each in one place: the device, one clock, one reading of peak memory, one
-table printer, and the reduced FLUX models (FLUX.1-dev's blocks at any width, a few of them, random weights),
-written once and loaded as train.py loads them, or trained by train.py itself for a few steps."""
+"""What the experiments measure with, each in one place: the device, one clock, one reading of peak memory (and one
+of a train.py process's, as the card sees it), one table printer, and the reduced FLUX models (FLUX.1-dev's blocks at
+any width, a few of them, random weights), written once and loaded as train.py loads them, or trained by train.py
+itself for a few steps."""
 import json
 import os
 import platform
@@ -114,8 +115,8 @@ def peak(device):
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status_bytes("VmHWM")
 
 
-def status_bytes(field):
-    for line in open("/proc/self/status"):
+def status_bytes(field, pid="self"):
+    for line in open(f"/proc/{pid}/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024  # kB
 
@@ -241,9 +242,30 @@ def srp_reward(m, x0_hat, step):
         return m.reward.srp(decode(m.vae, x0_hat, m.res), [pos], [neg], m.targs.k_denoise[0]).float()
 
 
-def run_train_py(root, out_dir, steps, flags, device):
+def memory_watch(device):
+    """(watch, seen) for run_train_py: seen[0] becomes the most memory train.py took as the system sees it: on a GPU
+    the card's used memory (every process's, torch.cuda.mem_get_info) above its lowest while train.py ran (before
+    train.py's first CUDA call, its imports take seconds; by then a process run before it has given its memory
+    back), which includes what torch's allocator does not count (the CUDA context, NCCL's buffers); on a CPU the
+    process's peak resident set."""
+    seen = [0]
+    if device.type == "cuda":
+        used = []
+
+        def watch(process):
+            free, total = torch.cuda.mem_get_info(device)
+            used.append(total - free)
+            seen[0] = max(used) - min(used)
+    else:
+        def watch(process):  # a process that has just ended has no VmHWM left
+            seen[0] = max(seen[0], status_bytes("VmHWM", process.pid) or 0)
+    return watch, seen
+
+
+def run_train_py(root, out_dir, steps, flags, device, watch=None):
     """train.py on the models under root, one prompt a step, with flags; its output in out_dir.log. It is stopped
     once its last step's metrics are written: its final checkpoint (16 bytes a parameter) is no part of a step.
+    watch(process), if given, is called while it runs, five times a second and once before it is stopped.
     Returns the metrics, a dict a step."""
     flux, reward_dir, prompts = paths(root)
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--model", flux, "--reward", "hps", "--reward-path",
@@ -257,6 +279,10 @@ def run_train_py(root, out_dir, steps, flags, device):
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         while process.poll() is None and len(written()) < steps:
             time.sleep(0.2)
+            if watch:
+                watch(process)
+        if watch and process.poll() is None:
+            watch(process)
         process.kill()
         process.wait()
     if len(written()) < steps:

@@ -1,7 +1,8 @@
 """FLUX.1-dev's memory per GPU, planned: weights, gradients, AdamW, bf16 copies, frozen models and activations
-for 1, 8, 16, 32 GPUs under FSDP and DDP, with and without checkpointing, and LoRA (METHOD.md §5).
+for 1, 8, 16, 32 GPUs under FSDP and DDP, with and without checkpointing, and LoRA (METHOD.md §5); and one GPU of
+24, 48 or 80 GB training LoRA adapters on a bf16 or a 4-bit (--quantize-base nf4) base, term by term.
 
-    python -m experiments.plan                   # the table: about 15 s on a 2-core CPU (the activation estimate)
+    python -m experiments.plan                   # the tables: about 15 s on a 2-core CPU (the activation estimate)
     python -m experiments.plan --json plan.json
 
 Parameters are counted exactly on the meta device; the activations are an estimate (activation_estimate): the
@@ -9,8 +10,10 @@ tensors autograd saves, counted on smaller models on a CPU under CUDA's autocast
 each term against its measurement at FLUX.1-dev's width.
 """
 import argparse
+import glob
 import json
 import math
+import os
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -20,7 +23,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T
 
 import train
 from experiments.measure import FLUX_DEV, FLUX_VAE, VIT_H_14, md_table, rope_axes
-from flux import add_lora, conditioning, decode, latent_noise, velocity
+from flux import NF4_BYTES, add_lora, conditioning, decode, latent_noise, velocity
 from srpo_reward import SRPReward
 
 # The text encoders, only counted: training caches their output (FLUX.1-dev's config.json files).
@@ -36,6 +39,18 @@ LORA_RANK = 64              # README's one-GPU command (Flow-GRPO's FLUX LoRA us
 LORA_WORLD_SIZES = (1, 8)
 GPU_BYTES = 80 * 2**30      # an 80 GB card (H100, A100 80GB) ...
 USABLE = 0.9                # ... of which 10% go to the CUDA context, NCCL buffers and allocator fragmentation
+# One GPU (one_gpu_row): train.py --lora-rank R --strategy ddp, with a bf16 or an nf4 base
+CARDS = (24, 48, 80)        # GiB: an RTX 3090 / 4090, an RTX A6000 / L40S, an A100 / H100 80GB (nominal sizes)
+ONE_GPU_RANKS = (16, LORA_RANK)
+BASES = ("bf16", "nf4")
+# ASSUMED, not measured: what a process holds outside torch's allocator (the CUDA context, which a first CUDA call
+# makes, 0.3-0.7 GiB by PyTorch users' reports; NCCL's buffers for DDP's communicator), rounded up. The full-depth
+# section of gpu.py measures it: the card's used memory while train.py runs, less its max_memory_reserved.
+CONTEXT = 2**30
+# ASSUMED, where no run in experiments/results records both peaks (measured_reserve): torch's allocator reserves
+# this much over what is allocated at the peak (its cached, fragmented blocks).
+RESERVE = 1.10
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def count_params(build):
@@ -259,11 +274,11 @@ def flux_dev_plan():
     """FLUX.1-dev's exact parameter count from its config on the meta device, and every rank's bytes."""
     with torch.device("meta"):
         flux = FluxTransformer2DModel(**FLUX_DEV)
-    params = sum(p.numel() for p in flux.parameters())
+    c = one_gpu_counts()
+    params, vae, reward_params, lora_params = c["params"], c["vae_params"], c["reward_params"], \
+        c["lora_params"][LORA_RANK]  # the adapters of --lora-rank 64 on FLUX.1-dev, exactly
     block_params = [sum(p.numel() for p in b.parameters())
                     for b in [*flux.transformer_blocks, *flux.single_transformer_blocks]]
-    vae = count_params(lambda: AutoencoderKL(**FLUX_VAE))
-    reward_params = count_params(lambda: CLIPModel(CLIPConfig(**VIT_H_14)))
     text_params = count_params(lambda: T5EncoderModel(T5Config(**T5_XXL))) \
         + count_params(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L)))
     frozen = frozen_bytes(vae, reward_params, PROMPTS, TEXT_TOKENS, FLUX_DEV["joint_attention_dim"],
@@ -271,15 +286,107 @@ def flux_dev_plan():
     activations = activation_estimate()
     plans = [rank_memory(params, w, s, block_params, frozen, activations)
              for w in WORLD_SIZES for s in ("fsdp", "ddp")]
-    with torch.device("meta"):  # the adapters of --lora-rank 64 on FLUX.1-dev, exactly
-        lora_params = sum(p.numel() for p in add_lora(flux, LORA_RANK, LORA_RANK, torch.bfloat16, 0).parameters()
-                          if p.requires_grad)
     plans += [rank_memory(params, w, s, block_params, frozen, activations, lora_params)
               for w in LORA_WORLD_SIZES for s in ("fsdp", "ddp")]
     return dict(params=params, lora_rank=LORA_RANK, lora_params=lora_params, vae_params=vae,
                 reward_params=reward_params, text_encoder_params=text_params,
                 text_encoders_bf16_while_caching=2 * text_params, frozen=frozen, resolution=RESOLUTION,
-                activations=activations, gpu_bytes=GPU_BYTES, usable=USABLE, plans=plans)
+                activations=activations, gpu_bytes=GPU_BYTES, usable=USABLE, plans=plans,
+                one_gpu=one_gpu_plan(c, activations))
+
+
+# ----------------------------------------------------------------------------------------- one GPU, LoRA
+
+def one_gpu_counts():
+    """What the one-GPU rows count, on the meta device: FLUX.1-dev's weights, those of its nn.Linear layers (what
+    flux.quantize_nf4 quantizes) and the largest of them, the adapters of each rank in ONE_GPU_RANKS on
+    flux.LORA_TARGETS (add_lora, as train.py adds them), the VAE, the reward and its vision tower."""
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**FLUX_DEV)
+        linears = [m.weight.numel() for m in flux.modules() if type(m) is torch.nn.Linear]
+        lora = {rank: sum(p.numel() for p in add_lora(FluxTransformer2DModel(**FLUX_DEV), rank, rank, torch.bfloat16,
+                                                      0).parameters() if p.requires_grad) for rank in ONE_GPU_RANKS}
+    return dict(params=sum(p.numel() for p in flux.parameters()), linear_weights=sum(linears),
+                largest_linear=max(linears), lora_params=lora,
+                vae_params=count_params(lambda: AutoencoderKL(**FLUX_VAE)),
+                reward_params=count_params(lambda: CLIPModel(CLIPConfig(**VIT_H_14))), vision_params=vision_params())
+
+
+def one_gpu_row(c, activations, base, rank, reserve=RESERVE, context=CONTEXT):
+    """Bytes on one GPU for train.py --lora-rank rank --strategy ddp on FLUX.1-dev, 720x720, one prompt at a time,
+    checkpointed (METHOD.md §5), c = one_gpu_counts(); PLANNED, term by term:
+      base_weights: bf16, 2 bytes a weight; nf4: flux.NF4_BYTES a weight of the nn.Linear layers, the rest bf16;
+      adapters: fp32 weights, fp32 gradients, fp32 AdamW's two states: 16 bytes an adapter weight;
+      reward, vae: frozen, bf16 on the nf4 path, fp32 on the bf16 base's (as train.py loads them);
+      text: one prompt's cached T5 and pooled CLIP embeddings in bf16 (flux.encode_prompts reads each when used);
+      activations: a branch's (activation_estimate): the blocks' checkpointed inputs, the adapters' bf16 casts
+        (autocast keeps them for the backward), and the largest part's peak in the backward: the VAE decode's, the
+        reward's (its bf16 copy of fp32 vision weights only where the reward is fp32) or a recomputed block's;
+      dequantized: nf4 only, the largest linear layer's weight dequantized to bf16 for its matmul (one at a time,
+        in the rollout and the backward alike);
+    allocated, their sum; reserve, the allocator's cache above it ((reserve - 1) x allocated); context, outside
+    torch's allocator. total = allocated + reserve + context; fits a card of CARDS GiB if total is at most that."""
+    a, lora = activations, c["lora_params"][rank]
+    frozen = 2 if base == "nf4" else 4
+    reward_peak = a["reward"] - (2 * c["vision_params"] if base == "nf4" else 0)
+    row = dict(base=base, rank=rank, lora_params=lora,
+               base_weights=2 * c["params"] if base == "bf16" else
+               NF4_BYTES * c["linear_weights"] + 2 * (c["params"] - c["linear_weights"]),
+               adapters=16 * lora, reward=frozen * c["reward_params"], vae=frozen * c["vae_params"],
+               text=2 * (TEXT_TOKENS * FLUX_DEV["joint_attention_dim"] + FLUX_DEV["pooled_projection_dim"]),
+               activations=a["transformer_checkpointed"] + 2 * lora
+               + max(a["vae_decode_checkpointed"], reward_peak, a["transformer_recompute"]),
+               dequantized=2 * c["largest_linear"] if base == "nf4" else 0)
+    row["allocated"] = sum(row[k] for k in ("base_weights", "adapters", "reward", "vae", "text", "activations",
+                                            "dequantized"))
+    row.update(reserve=(reserve - 1) * row["allocated"], context=context)
+    row["total"] = row["allocated"] + row["reserve"] + context
+    # 8-bit AdamW (bitsandbytes' AdamW8bit) keeps its two states in 1 byte each, not 4: 6 bytes an adapter less
+    row["total_adamw_8bit"] = row["total"] - 6 * lora * reserve
+    row["fits"] = {card: row["total"] <= card * 2**30 for card in CARDS}
+    row["fits_adamw_8bit"] = {card: row["total_adamw_8bit"] <= card * 2**30 for card in CARDS}
+    return row
+
+
+def measured_reserve(results=RESULTS):
+    """(the largest max_reserved_gib / max_memory_gib of any train.py run on a GPU recorded in results' metrics
+    files, the file), or (None, None) where no file records both peaks."""
+    rows = [(row, os.path.basename(path)) for path in sorted(glob.glob(os.path.join(results, "*metrics.jsonl")))
+            for row in map(json.loads, open(path))]
+    ratios = [(row["max_reserved_gib"] / row["max_memory_gib"], name) for row, name in rows
+              if row.get("max_reserved_gib") and row.get("max_memory_gib")]
+    return max(ratios) if ratios else (None, None)
+
+
+def one_gpu_plan(c, activations, results=RESULTS):
+    """Every one-GPU row (c = one_gpu_counts()): BASES x ONE_GPU_RANKS, with the reserve measured in results where a
+    run records it, else RESERVE (assumed)."""
+    measured, source = measured_reserve(results)
+    reserve = measured or RESERVE
+    return dict(counts=c, reserve=reserve, reserve_source=source or "assumed", context=CONTEXT, cards=CARDS,
+                rows=[one_gpu_row(c, activations, base, rank, reserve) for base in BASES for rank in ONE_GPU_RANKS])
+
+
+def one_gpu_table(p):
+    """The one-GPU rows as markdown, GiB, with what needs 8-bit AdamW."""
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    yes = lambda fits: "yes" if fits else "no"  # noqa: E731
+    eight = [f"{r['base']} rank {r['rank']} on {card} GB" for r in p["rows"] for card in CARDS
+             if r["fits_adamw_8bit"][card] and not r["fits"][card]]
+    source = "ASSUMED" if p["reserve_source"] == "assumed" else f"measured in {p['reserve_source']}"
+    reserve = f"{p['reserve'] - 1:.0%} of allocated ({source})"
+    return (f"PLANNED (not measured): train.py --lora-rank R --strategy ddp [--quantize-base nf4], FLUX.1-dev at "
+            f"{RESOLUTION}x{RESOLUTION}, one prompt at a time, checkpointed. Reserve: {reserve}; context: "
+            f"{gib(p['context'])} GiB (ASSUMED). fits: total at most the card's GiB.\n\n"
+            + md_table(["base", "LoRA rank", "base weights", "adapters + grads + AdamW", "reward", "VAE", "text emb.",
+                        "activations, ckpt", "dequantized layer", "allocated", "reserve", "context", "total",
+                        *(f"fits {card} GB" for card in CARDS)],
+                       [[r["base"], r["rank"], gib(r["base_weights"]), gib(r["adapters"]), gib(r["reward"]),
+                         gib(r["vae"]), gib(r["text"]), gib(r["activations"]), gib(r["dequantized"]),
+                         gib(r["allocated"]), gib(r["reserve"]), gib(r["context"]), gib(r["total"]),
+                         *(yes(r["fits"][card]) for card in CARDS)] for r in p["rows"]])
+            + "\n8-bit AdamW (6 bytes an adapter weight less): needed for "
+            + (", ".join(eight) if eight else "none of these rows: no row fits a card only with it") + ".\n")
 
 
 def table(plan):
@@ -313,6 +420,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     plan = flux_dev_plan()
     print(f"## FLUX.1-dev memory per rank, GiB\n\n{table(plan)}")
+    print(f"## One GPU, LoRA on a bf16 or an nf4 base, GiB\n\n{one_gpu_table(plan['one_gpu'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(plan, f, indent=2)

@@ -161,7 +161,7 @@ def test_report_gathers_the_sections_files_and_notes_what_is_missing(tmp_path, m
     assert out["seconds"] == {"models": 12.0, "train-lora": 12.0, "bench": None} and out["plan"] == results()["plan"]
     assert out["notes"]["bench"] == "stopped after 2 rows"
     assert {k for k, v in out["notes"].items() if v.startswith("no result")} == {
-        "train-fsdp", "train-ddp", "anatomy", "rollout", "sample", "stability"}
+        "train-fsdp", "train-ddp", "anatomy", "rollout", "sample", "stability", "full-depth"}
     text = (tmp_path / "gpu.md").read_text()
     assert "| ddp, LoRA rank 8 | ok |" in text and "| Direct-Align, both branches | 2 | 0.750 | 1.50 |" in text
     assert "## 3." not in text and "## 6." not in text and "$" not in text

@@ -4,15 +4,17 @@
     python -m experiments.toy paths     # print again the train.py, sample.py and evaluate.py commands that use it
     python -m experiments.toy demo      # about 2.5 minutes more: out/toy/report.md with its figures
     python -m experiments.toy hacking   # about 12 minutes more: reward hacking of a biased reward, out/hacking/
+    python -m experiments.toy nf4       # a few minutes more: LoRA on a 4-bit base against the fp32 base, out/toy-nf4/
 
 The world and its build are toy_world.py; the demo and its report, toy_demo.py; the reward-hacking comparison,
-hacking.py. `build` ends by printing the root commands that use the world: the root's scripts take it only by flag.
+hacking.py; the 4-bit base's, toy_nf4.py. `build` ends by printing the root commands that use the world: the root's
+scripts take it only by flag.
 """
 import argparse
 
 import torch
 
-from experiments import hacking, toy_demo, toy_world
+from experiments import hacking, toy_demo, toy_nf4, toy_world
 from inputs import fail
 
 
@@ -23,13 +25,18 @@ def main(argv=None):
                        ("paths", "print the train.py, sample.py and evaluate.py commands that use a built world"),
                        ("demo", "measure the paper's three claims on a built world, write OUT/report.md"),
                        ("hacking", "a biased reward (built once into the world) and what SRPO, SRPO without its "
-                                   "inversion branch, ReFL and DRaFT-K do with it; writes OUT/report.md")):
+                                   "inversion branch, ReFL and DRaFT-K do with it; writes OUT/report.md"),
+                       ("nf4", "LoRA trained on a 4-bit (nf4) base against one on the fp32 base, same seed and steps; "
+                               "writes OUT/report.md")):
         s = sub.add_parser(name, help=what)
         s.add_argument("--seed", type=int, default=0, help="which world")
         s.add_argument("--quick", action="store_true", help="the quick world: seconds, barely trained (for tests)")
         s.add_argument("--root", help="default: $SRPO_TOY_DIR, else ~/.cache/srpo-toy")
         if name == "demo":
             s.add_argument("--out", default="out/toy")
+            s.add_argument("--steps", type=int, default=toy_world.SRPO_STEPS, help="SRPO optimizer steps per run")
+        if name == "nf4":
+            s.add_argument("--out", default="out/toy-nf4")
             s.add_argument("--steps", type=int, default=toy_world.SRPO_STEPS, help="SRPO optimizer steps per run")
         if name == "hacking":
             s.add_argument("--out", default="out/hacking")
@@ -52,6 +59,8 @@ def main(argv=None):
                  f"run python -m experiments.toy build{flags} first")
     if args.command == "demo":
         toy_demo.demo(paths, args.out, args.steps)
+    elif args.command == "nf4":
+        toy_nf4.comparison(paths, args.out, args.steps)
     elif args.command == "hacking":
         size = hacking.QUICK if args.quick else hacking.FULL
         hacking.comparison(paths, args.out, args.seed, args.quick, args.seeds or size["seeds"],

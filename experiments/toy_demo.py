@@ -117,20 +117,33 @@ def srpo_run(paths, out, name, pos, neg, branches, steps, lr, extra_argv=()):
     return weights, [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 
 
+def load_world(paths, out):
+    """The world's models for measuring: its VAE, judge, toy-HPS reward and base transformer (bf16-rounded,
+    with_weights), and where the text embeddings are cached (out/text_cache)."""
+    pipe = FluxPipeline.from_pretrained(paths["flux"])
+    return dict(vae=pipe.vae.eval().requires_grad_(False), judge=load_clip(paths["judge"]),
+                reward=load_reward("hps", paths["reward"]), base=with_weights(pipe.transformer,
+                                                                              pipe.transformer.state_dict()),
+                flux_dir=paths["flux"], text_cache=os.path.join(out, "text_cache"))
+
+
+def held_out(paths, world, seeds_per_prompt):
+    """The evaluation set: the held-out prompts, each with seeds_per_prompt noise seeds; image i is prompt
+    i % len(prompts) from seed i. (prompts, every image's prompt, seeds, (shape, color, background) truths,
+    their FLUX embeddings)."""
+    prompts = [line.strip() for line in open(paths["eval_prompts"]) if line.strip()]
+    prompts_x = prompts * seeds_per_prompt
+    truths = [parse_caption(p) for p in prompts_x]
+    return prompts, prompts_x, range(len(prompts_x)), truths, flux_embeds(paths["flux"], prompts_x,
+                                                                           world["text_cache"])
+
+
 def demo(paths, out, steps, lr=SRPO_LR, seeds_per_prompt=DEMO_SEEDS):
     """The three claims, measured on the world at paths; writes out/report.md and its figures."""
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    pipe = FluxPipeline.from_pretrained(paths["flux"])
-    world = dict(vae=pipe.vae.eval().requires_grad_(False), judge=load_clip(paths["judge"]),
-                 reward=load_reward("hps", paths["reward"]), base=with_weights(pipe.transformer,
-                                                                               pipe.transformer.state_dict()),
-                 flux_dir=paths["flux"], text_cache=os.path.join(out, "text_cache"))
-    del pipe
-    prompts = [line.strip() for line in open(paths["eval_prompts"]) if line.strip()]
-    prompts_x = prompts * seeds_per_prompt  # image i: prompt i % len(prompts), noise seed i
-    seeds, truths = range(len(prompts_x)), [parse_caption(p) for p in prompts_x]
-    embeds = flux_embeds(paths["flux"], prompts_x, world["text_cache"])
+    world = load_world(paths, out)
+    prompts, prompts_x, seeds, truths, embeds = held_out(paths, world, seeds_per_prompt)
 
     say("claim 1: recovery from high noise")
     rows1, clean, pictures, clean_judge = claim1(world, 64, 0)
