@@ -10,8 +10,8 @@ accumulating 4 of them:
         --prompts ./prompts.txt --output-dir out/srpo-hps
 Four nodes, 32 GPUs, one prompt each, the same recipe: the same flags, on every node (--output-dir on a shared disk)
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_HOST:29500 train.py ...
-One GPU: LoRA adapters of rank 64 on a frozen bf16 base (about 35 GiB by the memory plan)
-    torchrun --nproc_per_node=1 train.py --model ./FLUX.1-dev --lora-rank 64 --strategy ddp ...
+One GPU: LoRA adapters of rank 64 on a frozen bf16 base, a 48 GB card; on a 4-bit base, a 24 GB card (planned)
+    torchrun --nproc_per_node=1 train.py --model ./FLUX.1-dev --lora-rank 64 --strategy ddp [--quantize-base nf4] ...
 After a crash, the same command with --resume continues from the newest checkpoint that verifies.
 """
 import argparse
