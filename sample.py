@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+import checkpoint
 from flux import quantize_nf4
 from inputs import SEED, SIZE, T5_TOKENS, check_ranges, fail, read_prompts, run_command
 
@@ -71,15 +72,15 @@ def parse_args(argv=None):
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens, default 512")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; default 0")
     args = p.parse_args(argv)
-    for key, value in (RELEASE if args.model is not None else TINY).items():  # the tiny random pipeline: seconds an image
+    for key, value in (RELEASE if args.model is not None else TINY).items():  # tiny random pipeline: seconds an image
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     return args
 
 
 def read_header(flag, path, name):
-    """(the file, {key: shape}) from a safetensors file's header alone, so a bad file fails before any image is
-    made; a folder stands for its file `name`, as train.py writes it. Integer tensors would be cast to weights
-    silently: refused."""
+    """(the file, {key: shape}) of a safetensors file, checked before any image is made; a folder stands for its
+    file `name`, as train.py writes it. Integer tensors would be cast to weights silently, non-finite ones render
+    black images: refused."""
     path = os.path.join(path, name) if os.path.isdir(path) else path
     if not os.path.isfile(path):
         fail(f"{flag} {path}: not found (expected {name} or a folder holding it)")
@@ -89,6 +90,9 @@ def read_header(flag, path, name):
             for key, part in header.items():
                 if not part.get_dtype().startswith(("F", "BF")):  # F64 ... F8_E4M3, BF16; not I8, U8, BOOL
                     fail(f"{flag} {path}: {key} is {part.get_dtype()} (expected floating-point weights)")
+            for key in header:  # one tensor at a time; NaN or inf weights would render black images
+                if not torch.isfinite(f.get_tensor(key)).all():
+                    fail(f"{flag} {path}: {key} has non-finite values (a run that diverged?); expected finite weights")
             return path, {key: tuple(part.get_shape()) for key, part in header.items()}
     except (SafetensorError, OSError) as e:
         fail(f"{flag} {path}: not a safetensors file ({e})")
@@ -204,6 +208,8 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)  # ours is over prompts
     weights = check_weights(args.weights, pipe.transformer) if args.weights else None
     lora = check_lora(args.lora, pipe.transformer) if args.lora else None
+    if rank == 0:  # one run per output folder: two would write each other's images
+        checkpoint.lock(args.output_dir)
 
     passes = [("base", None, None), ("srpo", weights, lora)] if args.compare else [("", weights, lora)]
     for sub, w, lora_file in passes:
@@ -212,10 +218,12 @@ def main(argv=None):
             pipe.transformer.load_state_dict(load_file(w, device=str(device)), strict=True)
         if lora_file:
             pipe.load_lora_weights(lora_file)
+        made_by = {"weights": w, "lora": lora_file}  # each file by its content too: one replaced in place makes anew
+        made_by.update({f"{k}_sha256": checkpoint.sha256(f) for k, f in list(made_by.items()) if f})
+        if args.quantize_base:
+            made_by["quantize_base"] = args.quantize_base
         records = [dict(file=f"{i:05d}.png", prompt=p, seed=args.seed + i, **{k: getattr(args, k) for k in PIPE_ARGS},
-                        model=args.model, weights=w, lora=lora_file,
-                        **({"quantize_base": args.quantize_base} if args.quantize_base else {}))
-                   for i, p in enumerate(prompts)]
+                        model=args.model, **made_by) for i, p in enumerate(prompts)]
         counts = torch.tensor(render(pipe, records, out_dir, rank, world_size), device=device)
         if world_size > 1:
             dist.all_reduce(counts)  # also waits until every rank has written its images

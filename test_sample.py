@@ -216,6 +216,44 @@ def test_rerun_skips_existing_images_and_redoes_missing_ones(samples, prompts_fi
     assert not (out / "00001.png.tmp").exists()
 
 
+def test_a_rerun_after_the_weights_file_changed_in_place_is_refused_and_nan_weights_never_render(
+        tiny, weights, prompts_file, tmp_path, capsys):
+    """The finished-image check covers the weights' content, not only their path; non-finite weights are refused
+    before any image (they would render black ones that a rerun then keeps)."""
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "run"
+    shutil.copytree(weights, folder)
+    argv = ["--prompt", "a cat", "--weights", str(folder), "--output-dir", str(tmp_path / "out"), *ARGS]
+    sample.main(argv)
+    state = load_file(folder / sample.WEIGHTS_NAME)
+    key = next(iter(state))
+    state[key] = state[key] * 1.5  # a later checkpoint written over the same file
+    save_file(state, folder / sample.WEIGHTS_NAME)
+    assert one_line_error(sample.main, argv, capsys).startswith(
+        f"{tmp_path}/out/00000.png: already made with weights_sha256=")
+    state[key][0] = float("nan")
+    save_file(state, folder / sample.WEIGHTS_NAME)
+    assert one_line_error(sample.main, [*argv[:-len(ARGS) - 1], str(tmp_path / "new"), *ARGS], capsys) == (
+        f"--weights {folder}/{sample.WEIGHTS_NAME}: {key} has non-finite values (a run that diverged?); expected "
+        f"finite weights")
+    assert not list((tmp_path / "new").glob("*.png"))
+
+
+def test_a_second_sample_py_on_a_folder_in_use_is_refused(tiny, tmp_path, capsys):
+    """Two runs on one folder would write each other's images: the second is one line (the first holds the lock
+    that checkpoint.py's runs hold, for its whole life)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.lock(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path / "out")], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        message = one_line_error(sample.main, ["--prompt", "a", "--output-dir", str(tmp_path / "out"), *ARGS], capsys)
+        assert message.startswith(f"--output-dir {tmp_path}/out: in use by another run (pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_compare_renders_base_and_srpo_with_the_same_seeds_side_by_side(tiny, samples, weights, compare):
     srpo = flux_images(tiny[0], weights / sample.WEIGHTS_NAME)
     grid = pixels(compare / "compare.png")
