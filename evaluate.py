@@ -66,15 +66,22 @@ def read_records(folder):
     return records
 
 
-def load_images(paths, size=None):
-    """The images as one float tensor (B, 3, H, W) in [0, 1], all of one size: size (H, W), if given."""
+def load_images(paths, records, size=None):
+    """The images as one float tensor (B, 3, H, W) in [0, 1], all of one size: size (H, W), if given. Each is the
+    image its record names: the prompt and seed sample.py wrote into the PNG are the record's, so a file renamed or
+    swapped is not scored against another prompt."""
     images = []
-    for path in paths:
+    for path, r in zip(paths, records, strict=True):
         try:
             with Image.open(path) as im:
                 images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+                made = getattr(im, "text", {})
         except Exception as e:  # a damaged file: PIL's decoders raise OSError, SyntaxError, EOFError, struct.error...
             fail(f"{path}: cannot open as an image ({type(e).__name__}: {e})".splitlines()[0])
+        key = next((k for k in ("prompt", "seed") if k in made and k in r and made[k] != str(r[k])), None)
+        if key:
+            fail(f"{path}: made with {key} {made[key]!r}, its prompts.jsonl line says {r[key]!r} (a file renamed or "
+                 f"swapped?); expected sample.py's folder as it wrote it")
     if len({tuple(im.shape[1:]) for im in images} | ({tuple(size)} if size else set())) > 1:
         fail(f"{os.path.dirname(paths[0])}: images of different sizes; expected one sample.py run")
     return torch.stack(images).float() / 255
@@ -106,7 +113,7 @@ def score_folder(reward, folder, records, batch_size):
     scores, size = [], None
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
-        images = load_images([os.path.join(folder, r["file"]) for r in batch], size).to(reward.model.device)
+        images = load_images([os.path.join(folder, r["file"]) for r in batch], batch, size).to(reward.model.device)
         size = images.shape[-2:]  # the first batch's: every later one must match it
         scores.append(reward.score(images, [r["prompt"] for r in batch]).float().cpu())
     return torch.cat(scores)
@@ -139,6 +146,9 @@ def main(argv=None):
         if not files:
             fail(f"{args.dirs[0]} and {args.dirs[1]}: no image file name in both; expected two "
                  f"sample.py runs of one prompt list")
+        if len(files) < max(len(first), len(second)):  # the means would be over different prompts: said
+            print(f"note: {args.dirs[0]} has {len(first)} images, {args.dirs[1]} {len(second)}; each folder's mean "
+                  f"is over its own, the paired numbers over the {len(files)} in both")
         for file in files:
             key = next((k for k in PAIRED if first[file].get(k) != second[file].get(k)), None)
             if key:

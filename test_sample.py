@@ -328,6 +328,24 @@ def test_scores_equal_clip_forward_and_pairs_are_by_file(tiny, compare, tmp_path
                                            abs=tol[r["reward"]])
 
 
+def test_evaluate_refuses_swapped_images_and_names_unequal_folders(tiny, compare, tmp_path, capsys):
+    base, srpo = (shutil.copytree(compare / name, tmp_path / name) for name in ("base", "srpo"))
+    os.replace(base / "00000.png", tmp_path / "x.png")  # two images swapped: each scored with the other's prompt
+    os.replace(base / "00001.png", base / "00000.png")
+    os.replace(tmp_path / "x.png", base / "00001.png")
+    assert one_line_error(evaluate.main, [str(base)], capsys) == (
+        f"{base}/00000.png: made with prompt {PROMPTS[1]!r}, its prompts.jsonl line says {PROMPTS[0]!r} (a file "
+        f"renamed or swapped?); expected sample.py's folder as it wrote it")
+    shutil.rmtree(base)
+    shutil.copytree(compare / "base", base)
+    lines = (srpo / "prompts.jsonl").read_text().splitlines()
+    (srpo / "prompts.jsonl").write_text("\n".join(lines[:2]) + "\n")  # a run cut short: 2 of the 3 prompts
+    capsys.readouterr()
+    evaluate.main([str(base), str(srpo), "--reward", "clip"])
+    assert f"note: {base} has 3 images, {srpo} 2; each folder's mean is over its own, the paired numbers over the 2 " \
+           f"in both\n" in capsys.readouterr().out
+
+
 def test_paired_stats_on_hand_made_numbers():
     win_rate, mean_diff, _ = evaluate.paired_stats([1.0, -1.0, 2.0, 0.0])
     assert win_rate == 0.625 and mean_diff == 0.5  # (2 wins + half a tie) / 4
