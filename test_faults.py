@@ -462,6 +462,8 @@ def test_damaged_model_and_reward_files_and_conflicting_flags_are_one_line(tmp_p
     assert error("--reward-path", tmp_path / "hps.pt", "--clip-h", tmp_path / "nope").startswith(
         f"--clip-h {tmp_path}/nope: no config.json in it")
     assert error("--lora-rank", "4", "--lora-alpha", "0").startswith("--lora-alpha 0.0: expected a positive alpha")
+    assert error("--lora-rank", "64") == "--lora-rank 64: expected at most 32, the smallest side of this --model's " \
+                                         "adapted layers"  # the tiny model's width, not FLUX.1's 3072
     for flags in (["--strategy", "ddp"], ["--lora-rank", "4"]):  # a 4-bit base without adapters, or under FSDP2
         assert error("--quantize-base", "nf4", *flags).startswith("--quantize-base nf4: expected --lora-rank and "
                                                                    "--strategy ddp")

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
-from flux import (NF4_BYTES, add_lora, autocast, conditioning, decode, encode_image, encode_prompts,
+from flux import (LORA_TARGETS, NF4_BYTES, add_lora, autocast, conditioning, decode, encode_image, encode_prompts,
                   fill_from_checkpoint, latent_noise, num_weights, quantize_nf4, rollout, save_weights,
                   transformer_on_meta, velocity)
 from inputs import (SEED, SIZE, T5_TOKENS, check_clip_h, check_flux_folder, check_ranges, fail, load_image,
@@ -74,6 +74,7 @@ GUIDANCE = (lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100")
 EVERY = (lambda v: 0 <= v <= 999_999, "0 or a number of steps, at most 999,999 (--steps' limit)")
 K = (lambda v: -1 <= v <= 1, "two numbers from -1 to 1 (the positive prompt's weight 1 + k from 0 to 2; the "
                              "release's k run from 0.01 to 0.6)")
+WORDS = (lambda v: v.strip(), "words that are not blank (the reward would compare the caption with itself)")
 
 
 def parse_args(argv=None):
@@ -95,9 +96,8 @@ def parse_args(argv=None):
     a("--prompt-order", default="shuffled", choices=("shuffled", "release"),
       help="shuffled by --seed, or the release's order (its preprocessing's deal of the file to 8 ranks)")
     a("--image-dir", help="offline mode: images with .txt captions beside them replace the rollout")
-    words = (lambda v: v.strip(), "words that are not blank (the reward would compare the caption with itself)")
-    a("--pos-words", nargs="+", default=list(POS_WORDS), check=words, help="positive control words (METHOD.md §4)")
-    a("--neg-words", nargs="+", default=list(NEG_WORDS), check=words, help="negative control words (METHOD.md §4)")
+    a("--pos-words", nargs="+", default=list(POS_WORDS), check=WORDS, help="positive control words (METHOD.md §4)")
+    a("--neg-words", nargs="+", default=list(NEG_WORDS), check=WORDS, help="negative control words (METHOD.md §4)")
     a("--output-dir", default="out/srpo")
     # the method (METHOD.md §3-§4); None: RECIPES' value
     a("--resolution", type=int, check=SIZE, help="square training size: " + recipe("resolution"))
@@ -255,9 +255,9 @@ def resume_point(args, rank, world):
         return 0, {}
     try:
         before = json.load(open(os.path.join(args.output_dir, "args.json"), "rb"))
+        before = before if isinstance(before, dict) else {}
     except (OSError, ValueError):
         before = {}
-    before = before if isinstance(before, dict) else {}
     if start > args.steps:
         fail(f"--steps {args.steps}: {args.output_dir} already holds checkpoint-{start}; expected at least {start}")
     if before.get("lora_rank", args.lora_rank) != args.lora_rank:  # its state would not fit the model
@@ -298,6 +298,10 @@ def load_models(args, device, world):
                                                    device_map=None if args.quantize_base else str(device))
     if args.quantize_base:
         quantize_nf4(transformer, device, base_dtype)
+    sides = [min(m.in_features, m.out_features) for n, m in transformer.named_modules() if n.endswith(LORA_TARGETS)]
+    if args.lora_rank > min(sides):  # an adapter wider than its layer adds weights and changes nothing more
+        fail(f"--lora-rank {args.lora_rank}: expected at most {min(sides)}, the smallest side of this --model's "
+             f"adapted layers")
     if args.lora_rank:
         add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed)
     transformer.train()
