@@ -2,6 +2,7 @@
 
     checkpoint-N/
         diffusion_pytorch_model.safetensors, config.json   the published weights (what FluxPipeline loads)
+        args.json                                          the flags that trained it (train.py's)
         state/                                             sharded fp32 model and AdamW states, for --resume
         manifest.json                                      every file above with its size and sha256, written last
 
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from inputs import fail
+from inputs import disk_words, fail
 
 MANIFEST = "manifest.json"
 # state/ holds what trains: every weight, or a LoRA's adapters (its frozen base is the --model's, read again)
@@ -110,9 +111,10 @@ def gather(items, rank, world):
 
 
 def one_line(e):
-    """An exception as one line: DCP's CheckpointException carries each rank's traceback; its last line is the cause."""
+    """An exception as one line: DCP's CheckpointException carries each rank's traceback; its last line is the cause.
+    A full disk says so (inputs.disk_words)."""
     lines = str(e).strip().splitlines()
-    return lines[-1] if lines else type(e).__name__
+    return disk_words(lines[-1] if lines else type(e).__name__)
 
 
 def agree(error, world):
@@ -147,6 +149,8 @@ def save(transformer, optimizer, step, output_dir, publish, rank, world):
                       "optimizer": get_optimizer_state_dict(transformer, optimizer)},
                      checkpoint_id=os.path.join(tmp, "state"))
             publish(tmp)  # collective (it gathers the full weights); rank 0 writes
+            if rank == 0:
+                readable(tmp)
         except WRITE_ERRORS as e:
             error = one_line(e)
         error = agree(error, world)
@@ -171,6 +175,15 @@ def save(transformer, optimizer, step, output_dir, publish, rank, world):
     if error and rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     return (None, error) if error else (final, None)
+
+
+def readable(folder):
+    """Every file under folder readable as the umask allows, as a file written with open() is: safetensors writes
+    its files owner-only (0600), and a published checkpoint is for others to load."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in files_of(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 def verify(path, rank, world):

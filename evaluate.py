@@ -50,6 +50,9 @@ def parse_args(argv=None):
 def read_records(folder):
     """The objects of folder/prompts.jsonl, one per image, each with at least 'file' and 'prompt'."""
     path = os.path.join(folder, "prompts.jsonl")
+    pair = [os.path.join(folder, sub) for sub in ("base", "srpo")]
+    if not os.path.isfile(path) and all(os.path.isfile(os.path.join(p, "prompts.jsonl")) for p in pair):
+        fail(f"{folder}: a sample.py --compare folder; expected its two folders, {pair[0]} {pair[1]}")
     if not os.path.isfile(path):
         fail(f"{path}: not found (expected the prompts.jsonl that sample.py writes beside its images)")
     records = []
@@ -89,6 +92,9 @@ def load_images(paths, records, size=None):
 
 def load_rewards(kinds, paths, clip_h, device):
     """{kind: (SRPReward, what was loaded)}; with no paths, the tiny random CLIP of tiny.py for every kind."""
+    if not paths and len(kinds) > 1:  # every column would score with the one tiny model
+        fail(f"--reward {' '.join(kinds)} without --reward-path: each would be the tiny random CLIP; expected a "
+             f"--reward-path for each, or one --reward")
     if paths and len(paths) != len(kinds):
         fail(f"--reward-path: got {len(paths)} for --reward {' '.join(kinds)}; expected one per "
              f"--reward in the same order, or none (the tiny reward)")

@@ -70,7 +70,7 @@ def run_command(main, after_stop):
             main()
             code = 0
         except OSError as e:
-            fail(f"{e.filename or 'a file'}: {e.strerror or e}", this_rank_only=True)
+            fail(disk_words(f"{e.filename or 'a file'}: {e.strerror or e}"), this_rank_only=True)
         except RuntimeError as e:  # gloo's or NCCL's, in a collective whose peer has ended
             if not (dist.is_initialized() and ("gloo" in str(e) or "NCCL" in str(e))):
                 raise
@@ -82,6 +82,19 @@ def run_command(main, after_stop):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# What the system's words for a failed write mean for a user, as (its words, ours): an OSError's strerror, also
+# inside DCP's and safetensors' messages (", os error 28").
+DISK_WORDS = (("No space left on device", "the disk is full: free space on it, or write to another disk"),
+              ("Disk quota exceeded", "your disk quota is used up: free space in it, or write to another disk"),
+              ("File too large", "a file-size limit (ulimit -f) stopped the write"),
+              ("Read-only file system", "the disk is read-only: write to another disk"))
+
+
+def disk_words(message):
+    """message, with what it means added where it is a full disk, a quota, a size limit or a read-only disk."""
+    return next((f"{message}: {ours}" for theirs, ours in DISK_WORDS if theirs in message), message)
 
 
 # Checks train.py and sample.py share, as (test, what is expected): check_ranges takes (flag, *SIZE) and the like.
@@ -126,8 +139,8 @@ def check_flux_folder(model, flag="--model"):
         fail(f"{flag} {model}: model_index.json does not name a FLUX pipeline (expected _class_name FluxPipeline)")
 
 def read_text(path, flag, what):
-    """The UTF-8 text of a file (a leading byte-order mark dropped), or one line naming the flag (if any), the file,
-    its line and the problem."""
+    """The text of a file, UTF-8 (a leading byte-order mark dropped) or UTF-16 with its byte-order mark, or one line
+    naming the flag (if any), the file, its line and the problem."""
     where = f"{flag} {path}" if flag else path
     try:
         raw = open(path, "rb").read()
@@ -135,9 +148,15 @@ def read_text(path, flag, what):
         fail(f"{where}: not found (expected {what})")
     except OSError as e:  # a folder, no permission, an I/O error
         fail(f"{where}: cannot read it ({e.strerror or e}; expected {what})")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark (Windows' "Unicode")
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            fail(f"{where}: not UTF-16 text after its byte-order mark (expected {what})")
     if b"\0" in raw:  # UTF-16 without a byte-order mark decodes as UTF-8, one NUL a letter
         line = raw[:raw.index(b"\0")].count(b"\n") + 1
-        fail(f"{where}:{line}: a NUL byte (UTF-16, or not text; expected {what} in UTF-8)")
+        fail(f"{where}:{line}: a NUL byte (UTF-16 without its byte-order mark, or not text; expected {what} in "
+             f"UTF-8, or UTF-16 with its mark)")
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")  # editors on Windows start UTF-8 files with a BOM
     except UnicodeDecodeError as e:

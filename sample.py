@@ -19,7 +19,8 @@ import json
 import logging
 import os
 
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import-time note on an optional CPU kernel download
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # notes at import with nothing to act on (train.py's)
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 import torch
 import torch.distributed as dist
 from diffusers import FluxPipeline
@@ -81,7 +82,15 @@ def read_header(flag, path, name):
     """(the file, {key: shape}) of a safetensors file, checked before any image is made; a folder stands for its
     file `name`, as train.py writes it. Integer tensors would be cast to weights silently, non-finite ones render
     black images: refused."""
-    path = os.path.join(path, name) if os.path.isdir(path) else path
+    folder, path = (path, os.path.join(path, name)) if os.path.isdir(path) else (None, path)
+    if folder and not os.path.isfile(path):  # the folder a user meant is named
+        other = {WEIGHTS_NAME: ("--lora", LORA_NAME), LORA_NAME: ("--weights", WEIGHTS_NAME)}[name]
+        steps = checkpoint.complete_steps(folder)
+        if steps:
+            fail(f"{flag} {folder}: a run's folder; expected one of its checkpoints, {flag} "
+                 f"{os.path.join(folder, f'checkpoint-{steps[0]}')} (its newest)")
+        if os.path.isfile(os.path.join(folder, other[1])):
+            fail(f"{flag} {folder}: it holds {other[1]}; expected {other[0]} {folder}")
     if not os.path.isfile(path):
         fail(f"{flag} {path}: not found (expected {name} or a folder holding it)")
     try:

@@ -4,6 +4,7 @@ while saving, non-finite weights, and bad input to train.py, sample.py and evalu
 user sees (one `error:` line, the exit code) and what is on disk; recovery is checked bit for bit against an
 uninterrupted run. CPU only, tiny random models; the runs of two ranks are marked slow (CI runs them)."""
 import argparse
+import errno
 import gc
 import hashlib
 import json
@@ -272,8 +273,9 @@ def test_a_size_limit_hit_while_saving_is_one_line_and_the_previous_checkpoint_s
     code, output = finish(launch(*RUN, "--steps", "7", "--output-dir", out, "--resume", nproc=2,
                                  preexec_fn=limit))
     assert code != 0
-    assert one_error(output) == (f"saving checkpoint-7 in {out} failed (OSError: [Errno 27] File too large); removed "
-                                 f"it; last good checkpoint: {out}/checkpoint-6")
+    assert one_error(output) == (f"saving checkpoint-7 in {out} failed (OSError: [Errno 27] File too large: a "
+                                 f"file-size limit (ulimit -f) stopped the write); removed it; last good checkpoint: "
+                                 f"{out}/checkpoint-6")
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"] and intact(out / "checkpoint-6")
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6, 7]  # step 7 is redone by a --resume
 
@@ -294,11 +296,18 @@ def test_a_failed_write_of_the_published_weights_is_returned_not_raised(tmp_path
                                                                                        None)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, old_limit[1]))  # state: a few kB; weights: 200 kB
         path, error = checkpoint.save(model, optimizer, 2, str(tmp_path), publish, 0, 1)
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+
+        def full(folder):  # as a full disk fails a write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(folder, WEIGHTS))
+        _, full_error = checkpoint.save(model, optimizer, 3, str(tmp_path), full, 0, 1)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
         dist.destroy_process_group()
     assert path is None and "File too large" in error and "\n" not in error
+    assert full_error == (f"[Errno 28] No space left on device: '{tmp_path}/checkpoint-3.tmp/{WEIGHTS}': the disk "
+                          f"is full: free space on it, or write to another disk")
     assert checkpoints(tmp_path) == ["checkpoint-1"] and intact(tmp_path / "checkpoint-1")
 
 
@@ -388,8 +397,8 @@ def test_bad_numbers_and_files_stop_train_py_before_anything_loads(tmp_path, cap
     assert error("--k-inversion", "0.3", "1.5").startswith("--k-inversion 0.3 1.5: expected two numbers from -1 to 1")
     (tmp_path / "utf16.txt").write_bytes("a cat\na dog\n".encode("utf-16-le"))  # no byte-order mark: NULs
     assert error("--prompts", tmp_path / "utf16.txt") == (
-        f"--prompts {tmp_path}/utf16.txt:1: a NUL byte (UTF-16, or not text; expected a .txt file with one prompt per "
-        f"line, or a .json list of strings in UTF-8)")
+        f"--prompts {tmp_path}/utf16.txt:1: a NUL byte (UTF-16 without its byte-order mark, or not text; expected a "
+        f".txt file with one prompt per line, or a .json list of strings in UTF-8, or UTF-16 with its mark)")
     # an unset shell variable: a blank file name or word, never the built-in demo prompts or an empty comparison
     assert error("--prompts", "").startswith("--prompts : not found")
     assert error("--image-dir", "").startswith("--image-dir : folder not found")
@@ -486,7 +495,7 @@ def test_resume_refuses_what_cannot_continue_names_changed_flags_and_drops_cut_m
     assert in_process_error(train.main, resume("--steps", "1"), capsys) == \
         f"--steps 1: {out} already holds checkpoint-2; expected at least 2"
     assert in_process_error(train.main, resume("--steps", "3", "--lora-rank", "4"), capsys) == \
-        f"--lora-rank 4: the checkpoints in {out} were trained with --lora-rank 0; resume with that"
+        f"--lora-rank 4: {out}/checkpoint-2 was trained with --lora-rank 0; resume with that"
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss"')  # a crash mid-line
     capsys.readouterr()
@@ -494,9 +503,16 @@ def test_resume_refuses_what_cannot_continue_names_changed_flags_and_drops_cut_m
     assert "resumed with changed flags: --lr 0.001 -> 0.0005\n" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
     assert json.load(open(out / "args.json"))["lr"] == 5e-4
-    os.remove(out / "args.json")  # no record of the run's flags: the checkpoint itself does not fit
-    assert in_process_error(train.main, resume("--steps", "4", "--lora-rank", "4"), capsys).startswith(
-        f"--resume: {out}/checkpoint-3 does not fit this --model and --lora-rank (RuntimeError: Missing key")
+    # a checkpoint copied into another run's folder: compared with the flags that trained it, its own args.json
+    shutil.copytree(out / "checkpoint-3", tmp_path / "copy" / "checkpoint-3")
+    capsys.readouterr()
+    train_here(*[*FAST, "--output-dir", tmp_path / "copy", "--resume", "--steps", "4", "--lr", "2e-4"])
+    assert "resumed with changed flags: --lr 0.0005 -> 0.0002\n" in capsys.readouterr().out
+    mode = lambda path: os.stat(path).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "copy" / "checkpoint-4" / "diffusion_pytorch_model.safetensors") == \
+        mode(tmp_path / "copy" / "args.json")  # safetensors' own is 0600: published files as readable as the rest
+    assert in_process_error(train.main, resume("--steps", "4", "--output-dir", out / "checkpoint-3"), capsys) == \
+        f"--output-dir {out}/checkpoint-3: a checkpoint, not a run's folder; expected --output-dir {out}"
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-9")  # by hand: it would resume at step 9
     assert in_process_error(train.main, resume("--steps", "10"), capsys).startswith(
         f"--resume: {out}/checkpoint-9 is broken (its manifest.json is checkpoint-2's: a copy, or renamed); the "
@@ -540,6 +556,10 @@ def test_prompt_files_train_their_strings_in_train_py_and_sample_py(tmp_path):
     (tmp_path / "prompts.json").write_text(json.dumps(["a red car on a street", " a cat on a chair ", "  "], indent=2))
     (tmp_path / "bom.txt").write_bytes("\ufeffa red car on a street\r\na cat\r\n".encode())  # as Windows' Notepad
     assert read_prompts(str(tmp_path / "bom.txt")) == ["a red car on a street", "a cat"]
+    text = "a caf\u00e9\nun chat\n"
+    for raw in (text.encode("utf-16"), ("\ufeff" + text).encode("utf-16-be")):  # Notepad's "Unicode"; big-endian
+        (tmp_path / "u16.txt").write_bytes(raw)
+        assert read_prompts(str(tmp_path / "u16.txt")) == ["a caf\u00e9", "un chat"]
     # train.py: the caption of the first sample grid (rank 0 samples the first prompt) is the JSON's first string
     train_here(*FAST, "--steps", "1", "--sample-every", "1", "--prompts", tmp_path / "prompts.json", "--output-dir",
                tmp_path / "train")
@@ -605,8 +625,14 @@ def test_bad_input_to_sample_py_and_evaluate_py_is_one_line_before_anything_load
 
 def test_non_utf8_prompts_from_the_command_line_are_one_line_without_traceback(tmp_path):
     (tmp_path / "prompts.txt").write_bytes(b"a cat\n\xff\n")
-    runs = [launch(*FAST, "--prompts", tmp_path / "prompts.txt", "--output-dir", tmp_path / "train"),
-            launch("--prompts", tmp_path / "prompts.txt", "--output-dir", tmp_path / "sample", script="sample.py")]
+    # as on a machine with requirements.txt only: no torchvision (transformers then warned at every start)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.util\nfind = importlib.util.find_spec\nimportlib.util.find_spec = lambda name, *a, **k: "
+        "None if name.split('.')[0] == 'torchvision' else find(name, *a, **k)\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    runs = [launch(*FAST, "--prompts", tmp_path / "prompts.txt", "--output-dir", tmp_path / "train", env=env),
+            launch("--prompts", tmp_path / "prompts.txt", "--output-dir", tmp_path / "sample", script="sample.py",
+                   env=env)]
     for p in runs:  # both at once: most of their time is importing torch
         code, output = finish(p)
         assert code == 2 and "Traceback" not in output

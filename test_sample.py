@@ -153,6 +153,14 @@ def test_lora_that_is_not_a_flux_lora_of_the_model_is_one_line(tiny, weights, lo
     save_file({**state, key: torch.zeros(4, 7)}, tmp_path / "narrow.safetensors")
     assert f"{key} is (4, 7), which does not fit" in error("--lora", str(tmp_path / "narrow.safetensors"))
     assert error("--lora", str(lora), "--weights", str(weights)).startswith("--weights and --lora: expected one")
+    # the folder meant is named: the other flag for what a checkpoint holds, a checkpoint for a run's folder
+    assert error("--lora", str(weights)) == f"--lora {weights}: it holds {sample.WEIGHTS_NAME}; expected --weights " \
+                                            f"{weights}"
+    assert error("--weights", str(lora)) == f"--weights {lora}: it holds {sample.LORA_NAME}; expected --lora {lora}"
+    for step in (2, 10):  # the newest by number, not by name
+        shutil.copytree(lora, tmp_path / "run" / f"checkpoint-{step}")
+    assert error("--lora", str(tmp_path / "run")) == (f"--lora {tmp_path}/run: a run's folder; expected one of its "
+                                                     f"checkpoints, --lora {tmp_path}/run/checkpoint-10 (its newest)")
     assert not (tmp_path / "out").exists()
 
 
@@ -293,7 +301,8 @@ def reference_scores(clip_dir, folder):
 def test_scores_equal_clip_forward_and_pairs_are_by_file(tiny, compare, tmp_path):
     base, srpo = compare / "base", compare / "srpo"
     out = tmp_path / "new" / "scores.json"  # its folder is made before the scoring
-    evaluate.main([str(base), str(srpo), "--reward", "hps", "pickscore", "clip", "--json", str(out)])
+    evaluate.main([str(base), str(srpo), "--reward", "hps", "pickscore", "clip", "--reward-path", *[tiny[1]] * 3,
+                   "--json", str(out)])
     result = json.loads(out.read_text())
     # Two code paths (srpo_reward against CLIPModel's forward) over unit embeddings: a score's fp32 rounding is
     # relative to |f_img| |f_txt| = 1 times the kind's factor, not to the cosine, which may be near 0. tol is 1e-5
@@ -446,6 +455,11 @@ def test_evaluate_bad_inputs_give_one_line_errors(tiny, samples, compare, tmp_pa
     assert error(str(samples), "--reward", "hps", "clip", "--reward-path", tiny[1]).startswith(
         "--reward-path: got 1 for --reward hps clip; expected one per --reward in the same order")
     assert error(str(samples), "--reward", "clip", "clip") == "--reward clip clip: each reward at most once"
+    assert error(str(samples), "--reward", "hps", "clip") == ("--reward hps clip without --reward-path: each would be "
+                                                              "the tiny random CLIP; expected a --reward-path for "
+                                                              "each, or one --reward")
+    assert error(str(compare)) == f"{compare}: a sample.py --compare folder; expected its two folders, " \
+                                  f"{compare}/base {compare}/srpo"
     (tmp_path / "prompts.jsonl").write_text('{"file": "99999.png", "prompt": "a cat"}\n')
     assert error(str(samples), str(tmp_path)).startswith(f"{samples} and {tmp_path}: no image file name in both")
     (tmp_path / "prompts.jsonl").write_text('{"file": "00000.png", "prompt": "a dog"}\n')

@@ -26,9 +26,11 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 
-# Imported by diffusers and peft, bitsandbytes notes on CPUs with AVX512-BF16 that an optional kernel download is
-# missing: nothing for a user to act on.
+# Notes at import with nothing for a user to act on: bitsandbytes' (imported by diffusers and peft), on CPUs with
+# AVX512-BF16, that an optional kernel download is missing; transformers', without torchvision, that two image
+# processors diffusers imports fall back to PIL (nothing here uses them).
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -186,6 +188,9 @@ def check_inputs(args):
         if not args.reward_path:
             fail("--model needs --reward-path (HPS_v2.1_compressed.pt, or a PickScore / CLIP folder)")
     check_clip_h(args.clip_h, {args.reward: args.reward_path})
+    if os.path.isfile(os.path.join(args.output_dir, checkpoint.MANIFEST)):  # writing in it would break it
+        fail(f"--output-dir {args.output_dir}: a checkpoint, not a run's folder; expected --output-dir "
+             f"{os.path.dirname(os.path.normpath(args.output_dir))}")
     complete = checkpoint.complete_steps(args.output_dir)
     if complete and not args.resume:
         fail(f"--output-dir {args.output_dir} holds checkpoint-{complete[0]}: pass --resume, or another dir")
@@ -253,16 +258,17 @@ def resume_point(args, rank, world):
         tqdm.write(f"--resume: no checkpoint in {args.output_dir} yet; starting at step 0")
     if not start:
         return 0, {}
-    try:
-        before = json.load(open(os.path.join(args.output_dir, "args.json"), "rb"))
+    path = os.path.join(args.output_dir, f"checkpoint-{start}")
+    try:  # its own flags (verified with it), so a checkpoint copied in from another run is compared with its run's
+        before = json.load(open(os.path.join(path, "args.json"), "rb"))
         before = before if isinstance(before, dict) else {}
     except (OSError, ValueError):
         before = {}
     if start > args.steps:
         fail(f"--steps {args.steps}: {args.output_dir} already holds checkpoint-{start}; expected at least {start}")
     if before.get("lora_rank", args.lora_rank) != args.lora_rank:  # its state would not fit the model
-        fail(f"--lora-rank {args.lora_rank}: the checkpoints in {args.output_dir} were trained with --lora-rank "
-             f"{before['lora_rank']}; resume with that")
+        fail(f"--lora-rank {args.lora_rank}: {path} was trained with --lora-rank {before['lora_rank']}; resume with "
+             f"that")
     return start, before
 
 
@@ -439,6 +445,11 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
     def stop(what):  # nothing of this step is saved; the last good checkpoint stays the newest
         bar.close()
         fail(f"{what}; last good checkpoint: {last}")
+    def publish(folder):  # the weights for others to load, and the flags that trained them
+        save_weights(m.transformer, folder, rank)
+        if master:
+            with open(os.path.join(folder, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="srpo", disable=not master)
     for step in bar:
         t0 = time.time()
@@ -494,8 +505,7 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0):
-            path, error = checkpoint.save(m.transformer, optimizer, step + 1, args.output_dir,
-                                          lambda folder: save_weights(m.transformer, folder, rank), rank, world)
+            path, error = checkpoint.save(m.transformer, optimizer, step + 1, args.output_dir, publish, rank, world)
             if error:
                 stop(f"saving checkpoint-{step + 1} in {args.output_dir} failed ({error}); removed it")
             last = path
