@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
+import judge
 from flux import (LORA_TARGETS, NF4_BYTES, add_lora, autocast, conditioning, decode, encode_image, encode_prompts,
                   fill_from_checkpoint, latent_noise, num_weights, quantize_nf4, rollout, save_weights,
                   transformer_on_meta, velocity)
@@ -62,8 +63,9 @@ RECIPES = {
     "pickscore": dict(window_end=30, k_denoise=(0.1, 0.5), k_inversion=(0.6, 0.01), rollout_guidance=2.0),
     "full": dict(lr=5e-6),                                   # every weight trains: the release's lr
     "lora": dict(lr=1e-4),                                   # --lora-rank: B starts at zero, so a larger lr
-    "model": dict(resolution=720, batch_size=32),            # the release's: one prompt on each of 32 GPUs
-    "tiny": dict(resolution=64, batch_size=2),
+    "model": dict(resolution=720, batch_size=32,             # the release's: one prompt on each of 32 GPUs
+                  eval_count=16),                            # held-out prompts: under 10% of a run (README)
+    "tiny": dict(resolution=64, batch_size=2, eval_count=2),
 }
 RECIPES["clip"] = RECIPES["hps"]
 # Prompts for the CPU run on tiny models, when no --prompts file is given.
@@ -150,6 +152,17 @@ def parse_args(argv=None):
       check=(lambda v: v >= 0, "a LoRA alpha of at least 0"))
     a("--quantize-base", choices=("nf4",), help="the frozen base under --lora-rank in 4 bits (QLoRA's NF4), its "
                                                "reward and VAE in bf16: FLUX.1-dev on one 24 GB GPU (METHOD.md §5)")
+    # the held-out judge (METHOD.md §8, judge.py)
+    a("--judge", choices=KINDS, help="a reward training never sees, scoring held-out prompts as the run goes "
+                                     "(metrics.png, eval/) and sounding the hacking alarm; off without it")
+    a("--judge-path", help="the judge's weights, as --reward-path's (--clip-h serves both)")
+    a("--eval-prompts", help="held-out prompts, a file as --prompts'; default: --eval-count of the training "
+                             "prompts, drawn by --seed, which training then does not use")
+    a("--eval-count", type=int, help="held-out prompts drawn from --prompts: " + recipe("eval_count"),
+      check=(lambda v: 1 <= v <= 4096, "1 to 4096 prompts"))
+    a("--eval-every", type=int, default=5, check=EVERY, help="judge every N steps, at step 0 and at the end")
+    a("--stop-when-hacking", action="store_true",
+      help="end the run at the hacking alarm, with a checkpoint there (--resume continues)")
     # output
     a("--checkpoint-every", type=int, default=10, check=EVERY, help="0: only at the end")
     a("--sample-every", type=int, default=10, check=EVERY, help="save a PNG grid of samples every N steps (0: never)")
@@ -188,6 +201,18 @@ def check_inputs(args):
         if not args.reward_path:
             fail("--model needs --reward-path (HPS_v2.1_compressed.pt, or a PickScore / CLIP folder)")
     check_clip_h(args.clip_h, {args.reward: args.reward_path})
+    if args.judge:
+        if not args.judge_path:
+            fail(f"--judge {args.judge}: expected --judge-path (its weights, as --reward-path's)")
+        if (args.judge, os.path.realpath(args.judge_path)) == (args.reward, os.path.realpath(args.reward_path or "")):
+            fail(f"--judge {args.judge} --judge-path {args.judge_path}: the training reward; expected a reward "
+                 f"training never sees")
+        check_clip_h(args.clip_h, {args.judge: args.judge_path})
+        if args.prompt_order == "release" and not args.eval_prompts:  # a slice taken out would change the order
+            fail("--judge with --prompt-order release: expected --eval-prompts FILE (held-out prompts taken from "
+                 "--prompts would change the release's order)")
+    elif args.judge_path or args.eval_prompts or args.stop_when_hacking:
+        fail("--judge-path, --eval-prompts and --stop-when-hacking: expected --judge KIND, the held-out judge")
     if os.path.isfile(os.path.join(args.output_dir, checkpoint.MANIFEST)):  # writing in it would break it
         fail(f"--output-dir {args.output_dir}: a checkpoint, not a run's folder; expected --output-dir "
              f"{os.path.dirname(os.path.normpath(args.output_dir))}")
@@ -293,6 +318,7 @@ def load_models(args, device, world):
     frozen_dtype = torch.bfloat16 if args.quantize_base and cuda else torch.float32
     try:
         reward = load_reward(args.reward, args.reward_path, args.clip_h, device, frozen_dtype)
+        judge_model = args.judge and load_reward(args.judge, args.judge_path, args.clip_h, device, frozen_dtype)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
     with loading(args.model, "vae"):
@@ -331,8 +357,8 @@ def load_models(args, device, world):
     trainable = [p for p in transformer.parameters() if p.requires_grad]  # after fully_shard replaced them
     plan = memory_plan(num_params, world, args.strategy, largest, sum(p.numel() for p in trainable),
                        NF4_BYTES if args.quantize_base else base_dtype.itemsize)
-    return types.SimpleNamespace(transformer=transformer, vae=vae, reward=reward, trainable=trainable, plan=plan,
-                                 num_params=num_params)
+    return types.SimpleNamespace(transformer=transformer, vae=vae, reward=reward, judge=judge_model,
+                                 trainable=trainable, plan=plan, num_params=num_params)
 
 
 def prompt_schedule(args, captions, rank, world):
@@ -367,17 +393,66 @@ def write_run_files(args, before, start):
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump(now, f, indent=2)
     path = os.path.join(args.output_dir, "metrics.jsonl")
-    kept = [line.rstrip("\n") + "\n" for line in open(path, errors="replace") if 0 < metrics_step(line) <= start] \
+    kept = [line.rstrip("\n") + "\n" for line in open(path, errors="replace") if 0 <= metrics_step(line) <= start] \
         if start and os.path.isfile(path) else []
     with open(path, "w") as f:  # drop lines of steps a crash lost, or cut short: they are redone
         f.writelines(kept)
 
 
-def metrics_step(line):  # 0 for a line a crash cut short
+def held_out_prompts(args, captions, image_paths, say):
+    """(training captions, their images, the judge's held-out prompts): --eval-prompts, or --eval-count prompts
+    drawn by --seed and taken out of training; all as they were without --judge."""
+    if not args.judge:
+        return captions, image_paths, []
+    if args.eval_prompts:
+        held = read_prompts(args.eval_prompts, "--eval-prompts")
+        both = set(held) & set(captions)
+        if both:
+            say(f"--eval-prompts: {len(both)} of its {len(held)} prompts are training prompts too")
+        return captions, image_paths, held
+    if not args.eval_count < len(captions):
+        fail(f"--eval-count {args.eval_count}: expected fewer than the {len(captions)} prompts (the rest train); or "
+             f"--eval-prompts FILE")
+    out = set(torch.randperm(len(captions), generator=rng(args.seed, "held-out"))[:args.eval_count].tolist())
+    keep = [i for i in range(len(captions)) if i not in out]
+    say(f"held out for the judge: {len(out)} of the {len(captions)} prompts (--eval-count), never trained on")
+    return ([captions[i] for i in keep], image_paths and [image_paths[i] for i in keep],
+            [captions[i] for i in sorted(out)])
+
+
+def best_checkpoint(output_dir, evals):
+    """The checkpoint (or the base model, step 0) with the judge's best mean, in words."""
+    best = judge.best_of(evals, {0, *checkpoint.complete_steps(output_dir)})
+    if best is None:
+        return "no checkpoint evaluated yet"
+    where = "the base model (step 0)" if best["step"] == 0 else os.path.join(output_dir, f"checkpoint-{best['step']}")
+    overall = judge.best_of(evals)
+    other = "" if overall is best else f"; step {overall['step']} scored {overall['eval_judge']:.4f}, without a " \
+                                       f"checkpoint"
+    return f"{where} (judge {best['eval_judge']:.4f}{other})"
+
+
+def read_rows(path):
+    """metrics.jsonl's rows; none for a run without one."""
+    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+def write_row(output_dir, row):
+    """Appends row to metrics.jsonl, then draws metrics.png and eval/strips.png from every row so far (judge.py)."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows = read_rows(path)
+    judge.draw_metrics(os.path.join(output_dir, "metrics.png"), rows)
+    if "eval_judge" in row:
+        judge.draw_strips(os.path.join(output_dir, "eval"), rows)
+
+
+def metrics_step(line):  # -1 for a line a crash cut short
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
-        return 0
+        return -1
 
 
 def main(argv=None):
@@ -401,9 +476,10 @@ def main(argv=None):
         say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
         args.model, args.reward_path = tiny_flux, args.reward_path or tiny_clip
     # the text embeddings first: T5-XXL (9.5 GB) and CLIP-L are freed before the transformer loads
+    captions, image_paths, held = held_out_prompts(args, captions, image_paths, say)
     index, mine, used = prompt_schedule(args, captions, rank, world)
     sample_caption = captions[rank % len(captions)]
-    embeds = encode_prompts(args.model, [captions[i] for i in used] + [sample_caption], args.max_sequence_length,
+    embeds = encode_prompts(args.model, [captions[i] for i in used] + [sample_caption] + held, args.max_sequence_length,
                             os.path.join(args.output_dir, "text_cache"), device,
                             torch.bfloat16 if device.type == "cuda" else torch.float32)
     m = load_models(args, device, world)
@@ -419,6 +495,24 @@ def main(argv=None):
         say(f"resumed from {args.output_dir}/checkpoint-{start} (verified against its manifest)")
     if master:
         write_run_files(args, before, start)
+    rows = [read_rows(os.path.join(args.output_dir, "metrics.jsonl")) if master else None]
+    dist.broadcast_object_list(rows)  # what the judge said before a resume, on every rank
+    evals = [r for r in rows[0] if "eval_judge" in r]
+
+    def evaluate(step):  # judge.py's fields of metrics.jsonl; the images saved on rank 0
+        t0 = time.time()
+        render = lambda i: decode(m.vae, rollout(  # noqa: E731
+            m.transformer, latent_noise(args.resolution, rng(args.seed, "eval", i), device),
+            conditioning(embeds(held[i]), args.resolution, device), args.rollout_steps, args.shift, args.guidance),
+            args.resolution)[0]
+        scores, images = judge.evaluate(render, {"judge": m.judge, "reward": m.reward}, held, rank, world)
+        if master:
+            judge.save_strip(os.path.join(args.output_dir, "eval", f"step-{step:06d}.png"), images)
+        return {**judge.summary(scores), "eval_time_s": time.time() - t0}
+    if args.judge and start == 0:
+        evals.append({"step": 0, **evaluate(0)})
+        if master:
+            write_row(args.output_dir, evals[-1])
 
     sample = lambda step: save_samples(  # noqa: E731
         m, conditioning(embeds(sample_caption), args.resolution, device), sample_caption,
@@ -426,20 +520,27 @@ def main(argv=None):
         os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), args, rank, world)
     if args.sample_every and start == 0:
         sample(0)
-    last = train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample, rank, device)
+    last = train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample,
+                      evaluate if args.judge else None, evals, rank, device)
     weights = "pytorch_lora_weights" if args.lora_rank else "diffusion_pytorch_model"
     say(f"done: weights {last}/{weights}.safetensors, metrics "
-        f"{args.output_dir}/metrics.jsonl, samples {args.output_dir}/samples/")
+        f"{args.output_dir}/metrics.jsonl and metrics.png, samples {args.output_dir}/samples/")
+    if args.judge:
+        say(f"best by the judge ({args.judge}): {best_checkpoint(args.output_dir, evals)}; its curves in "
+            f"metrics.png, the held-out images of every evaluation in {args.output_dir}/eval/strips.png")
     dist.barrier()  # no rank tears down its connections while another still sends on them (gloo aborts then)
     dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------- the loop
 
-def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample, rank, device):
+def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample, evaluate, evals, rank,
+               device):
     """Steps start+1 .. --steps: each rank's prompts, srpo_step on each, then one clipped AdamW step; metrics,
-    checkpoints and samples as the flags ask. Returns the last checkpoint's path."""
+    checkpoints, samples and the judge's evaluations (evaluate, appended to evals) as the flags ask; the hacking
+    alarm. Returns the last checkpoint's path."""
     world, master, cuda = dist.get_world_size(), rank == 0, device.type == "cuda"
+    say = lambda text: master and tqdm.write(text)  # noqa: E731
     last = os.path.join(args.output_dir, f"checkpoint-{start}") if start else "none"
 
     def stop(what):  # nothing of this step is saved; the last good checkpoint stays the newest
@@ -501,16 +602,28 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
         record.update(grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], step_time_s=time.time() - t0,
                       time_rollout_s=seconds["rollout"], time_branches_s=seconds["branches"],
                       **peak_memory_gib(device))
+        hacking = None
+        if evaluate and (step + 1 == args.steps or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            record.update(evaluate(step + 1))
+            hacking = judge.alarm(evals, record)
+            evals.append(record)
         if master:
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0):
+            write_row(args.output_dir, record)
+        stopping = hacking and args.stop_when_hacking
+        if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or stopping:
             path, error = checkpoint.save(m.transformer, optimizer, step + 1, args.output_dir, publish, rank, world)
             if error:
                 stop(f"saving checkpoint-{step + 1} in {args.output_dir} failed ({error}); removed it")
             last = path
         if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
             sample(step + 1)
+        if hacking:
+            bar.clear()
+            say(judge.alarm_line(record, *hacking, args.judge, best_checkpoint(args.output_dir, evals)))
+            if stopping:
+                bar.close()
+                say(f"stopped by --stop-when-hacking at step {step + 1}; the same command with --resume continues")
+                break
     return last
 
 

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import string
 import tempfile
 import time
@@ -32,9 +31,11 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from tqdm import tqdm
 from transformers import AutoTokenizer, CLIPModel
 
+import plots
 import train
+from judge import interval
 from direct_align import euler_step, predict_x0, sigma_schedule
-from experiments import plots, toy_demo
+from experiments import toy_demo
 from experiments.toy_world import (MAX_SEQUENCE_LENGTH, SRPO_LR, SRPO_STEPS, attribute_accuracy, caption,
                                    contrastive_loss, embed, fit, flux_embeds, make_scenes, parse_caption, render,
                                    sample, say, scene_captions, train_argv)
@@ -58,8 +59,6 @@ RUNS = {  # name: (kind, reward); the four methods on the biased reward, then th
     "denoise only, unbiased": ("srpo-denoise", "unbiased")}
 FULL = dict(seeds=(0, 1, 2, 3), steps=SRPO_STEPS, images_per_prompt=8)
 QUICK = dict(seeds=(0, 1), steps=4, images_per_prompt=1)
-# Student's t, two-sided 95%, by degrees of freedom: the interval of a mean over seeds
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPORT = os.path.join(HERE, "hacking_report.md.template")  # the report's prose, with $fields for the numbers
 VERDICTS = {why: os.path.join(HERE, f"hacking_report_{why.replace(' ', '_')}.md")  # the verdict's reason, by case
@@ -262,14 +261,6 @@ def measure(transformer, world, embeds, truths, seeds):
 def srp(reward, images, prompts, k):
     """The SRP of 'bright. c' over 'dark. c' for each image and caption c (METHOD.md §4)."""
     return reward.srp(images, [f"{POS}. {p}" for p in prompts], [f"{NEG}. {p}" for p in prompts], k)
-
-
-def interval(values):
-    """(mean, half-width of its 95% Student-t interval) over seeds; the half-width is nan for a single value."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, T95[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def comparison(paths, out, world_seed=0, quick=False, seeds=FULL["seeds"], steps=FULL["steps"],

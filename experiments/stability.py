@@ -5,9 +5,9 @@ By the chain rule d x0_hat / d v is -sigma for the first and (sigma_to - sigma) 
 and a section of gpu.py."""
 import torch
 
+import plots
 import train
 from direct_align import default_gap, direct_align, inject_noise, predict_x0, train_window
-from experiments import plots
 from experiments.measure import md_table, srp_reward
 from flux import latent_noise, rollout, velocity
 

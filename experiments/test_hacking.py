@@ -3,7 +3,6 @@ its own report), ReFL's and DRaFT-K's gradients reach the model through the step
 that carry gradient, counted), and the quick comparison writes its report. The full comparison's numbers are
 `python -m experiments.toy hacking`'s; only the quick world is built here."""
 import json
-import math
 import os
 
 import pytest
@@ -127,26 +126,6 @@ def test_draft_gradient_reaches_the_model_through_exactly_the_last_k_steps(k):
         torch.testing.assert_close(x0_hat, rollout(transformer, noise, cond, n, args.shift, args.rollout_guidance))
     x0_hat.sum().backward()
     assert all(p.grad is not None for p in transformer.parameters() if p.requires_grad)
-
-
-def t_quantile_975(dof):
-    """Student's t at cumulative 0.975, by bisection on the integral of its density (Simpson's rule, 2000 panels)."""
-    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
-    f = lambda x: c * (1 + x * x / dof) ** (-(dof + 1) / 2)  # noqa: E731
-    cdf = lambda t: 0.5 + t / 6000 * sum((1 if i in (0, 2000) else 4 if i % 2 else 2) * f(t * i / 2000)  # noqa: E731
-                                         for i in range(2001))
-    lo, hi = 0.0, 20.0
-    for _ in range(50):
-        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < 0.975 else (lo, (lo + hi) / 2)
-    return lo
-
-
-def test_interval_is_the_student_t_interval():
-    for dof, t in hacking.T95.items():  # the table is rounded to 3 decimals; the integral is good to about 1e-6
-        assert abs(t - t_quantile_975(dof)) <= 5e-4 + 1e-5, dof
-    assert abs(t_quantile_975(2) - (2 / (1 / 0.95 ** 2 - 1)) ** 0.5) < 1e-5  # 2 dof: F(t) = 1/2 + t / 2 sqrt(2 + t^2)
-    mean, half = hacking.interval([1.0, 2.0, 3.0, 4.0])  # 4 seeds, as the full comparison: sd sqrt(5/3)
-    assert mean == 2.5 and half == pytest.approx(hacking.T95[3] * (5 / 3) ** 0.5 / 2, rel=1e-12)  # rounding only
 
 
 def test_quick_comparison_writes_report_numbers_and_figures(world, tmp_path):

@@ -22,9 +22,9 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel
 
+import plots
 import train
 from direct_align import direct_align, inject_noise, predict_x0
-from experiments import plots
 from experiments.toy_world import (RESOLUTION, SRPO_LR, attribute_accuracy, caption, encode, flux_embeds,
                                    make_scenes, parse_caption, render, sample, say, scene_captions, train_argv)
 from flux import conditioning, decode, velocity

@@ -1,5 +1,5 @@
-"""The experiments' figures, drawn with PIL alone: labeled rows of images, and line plots. Each function returns a
-PIL image; save() writes one or more side by side as a PNG."""
+"""Figures drawn with PIL alone, train.py's metrics.png and the experiments': labeled rows of images, and line
+plots. Each function returns a PIL image; save() writes one or more side by side as a PNG."""
 import math
 import os
 
@@ -65,11 +65,18 @@ def line_plot(xs, series, xlabel, ylabel, ylim=(None, None), log_y=False, size=(
     return sheet
 
 
-def save(path, *panels):
-    """The panels side by side, top-aligned, as one PNG at path (its folder made if missing)."""
-    sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
-    for i, panel in enumerate(panels):
-        sheet.paste(panel, (sum(p.width for p in panels[:i]), 0))
+def save(path, *panels, columns=None):
+    """The panels side by side, top-aligned, `columns` to a row (default: all in one), as one PNG at path (its
+    folder made if missing)."""
+    columns = columns or len(panels)
+    rows = [panels[i:i + columns] for i in range(0, len(panels), columns)]
+    sheet = Image.new("RGB", (max(sum(p.width for p in row) for row in rows),
+                              sum(max(p.height for p in row) for row in rows)), "white")
+    top = 0
+    for row in rows:
+        for i, panel in enumerate(row):
+            sheet.paste(panel, (sum(p.width for p in row[:i]), top))
+        top += max(p.height for p in row)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sheet.save(path, optimize=True)
     return path
