@@ -2,9 +2,10 @@
 which checkpoint was best (METHOD.md §8). train.py --judge KIND --judge-path PATH.
 
 Every --eval-every steps and at step 0 the current model renders the held-out prompts, each from its own fixed
-noise (the same at every evaluation, on any number of ranks), without gradient. The judge and the training reward
-score each image with its prompt, one image at a time (their plain scores, METHOD.md §4), so the numbers do not
-depend on how the prompts are split between ranks. metrics.jsonl gets both means with their 95% intervals over the
+noise (the same at every evaluation, on any number of ranks), without gradient. The judge scores each image with its
+prompt (its plain score, METHOD.md §4); the training reward, with what training moves: its relative score between the
+run's control words (relative_score). One image at a time, so the numbers do not depend on how the prompts are split
+between ranks. metrics.jsonl gets both means with their 95% intervals over the
 prompts and every prompt's score; eval/ keeps the images, one strip per evaluation and all of them stacked in
 eval/strips.png; metrics.png draws the curves.
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import plots
+from srpo_reward import control_prompts
 
 
 def t_quantile(dof, p=0.975):
@@ -49,19 +51,29 @@ def interval(values):
     return mean, t_quantile(len(values) - 1) * sd / math.sqrt(len(values))
 
 
+def relative_score(reward, pos_words, neg_words):
+    """The part of the training reward that training moves: the SRP reward with k = 0, f_img . (f_pos - f_neg), of
+    an image with its prompt behind each pair of the run's control words, averaged over the pairs (METHOD.md §4)."""
+    pairs = max(len(pos_words), len(neg_words))
+
+    def score(images, prompt):
+        pos, neg = zip(*(control_prompts(prompt, i, pos_words, neg_words) for i in range(pairs)))
+        return reward.srp(images.expand(pairs, -1, -1, -1), list(pos), list(neg), 0.0).mean()
+    return score
+
+
 @torch.no_grad()
 def evaluate(render, scorers, prompts, rank, world):
     """({name: [score of each prompt]}, the images (N, 3, H, W) on rank 0, None elsewhere). render(i) is prompt i's
     image (3, H, W) in [0, 1], the same on every rank; each rank renders every world-th prompt, padded with repeats
-    to one count on all ranks (FSDP2's forwards are collective); scorers: {name: SRPReward}."""
+    to one count on all ranks (FSDP2's forwards are collective); scorers: {name: score(images (1, 3, H, W), prompt)}."""
     share = -(-len(prompts) // world)
     mine = [rank + world * j for j in range(share)]
     done = []
     for i in mine:
         image = render(min(i, len(prompts) - 1))
         if i < len(prompts):
-            scores = {name: s.score(image[None].to(next(s.model.parameters()).dtype), [prompts[i]]).item()
-                      for name, s in scorers.items()}
+            scores = {name: float(score(image[None], prompts[i])) for name, score in scorers.items()}
             done.append((i, (image.clamp(0, 1) * 255).round().byte().cpu(), scores))
     parts = [None] * world
     dist.all_gather_object(parts, done)
@@ -123,7 +135,8 @@ def draw_metrics(path, rows):
     evals = [r for r in rows if "eval_judge" in r]
     if evals:
         xs = [r["step"] for r in evals]
-        for name, label in (("judge", "the judge, held-out prompts"), ("reward", "training reward, held-out")):
+        for name, label in (("judge", "the judge, held-out prompts"),
+                            ("reward", "training reward (SRP, k 0), held-out")):
             panels.append(plots.line_plot(xs, {name: [r[f"eval_{name}"] for r in evals]}, "step",
                                           label + ", mean and 95% interval", size=(480, 260),
                                           intervals={name: [r[f"eval_{name}_ci"] for r in evals]}))

@@ -26,6 +26,21 @@ def test_interval_is_the_student_t_interval():
     assert mean == 2.5 and half == pytest.approx(T95[3] * (5 / 3) ** 0.5 / 2, rel=2e-4)  # the table's rounding
 
 
+def test_the_training_reward_on_held_out_images_is_its_relative_part_over_every_word_pair():
+    import torch
+    from srpo_reward import load_reward
+    reward = load_reward("clip", clip_dir())
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    f_img = reward.embed_images(image)[0]
+    # the words of steps 0, 1, 2: (bright, dark), (sharp, dark), (bright, dark), cycled as training cycles them
+    pos, neg = reward.embed_texts(["bright. a cat", "sharp. a cat", "bright. a cat"]), reward.embed_texts(
+        ["dark. a cat"] * 3)
+    expected = (f_img * (pos - neg)).sum(-1).mean() * reward.model.logit_scale.exp() / 20  # clip's SRP scale
+    got = judge.relative_score(reward, ["bright", "sharp"], ["dark", "dark", "dark"])(image, "a cat")
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)  # fp32, one order of sums apart
+    assert abs(got.item() - reward.srp(image, ["bright. a cat"], ["dark. a cat"], 0.0).item()) > 1e-4  # not one pair
+
+
 def row(step, judge_scores, reward):
     return {"step": step, **judge.summary({"judge": judge_scores, "reward": [reward] * len(judge_scores)})}
 

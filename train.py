@@ -505,7 +505,9 @@ def main(argv=None):
             m.transformer, latent_noise(args.resolution, rng(args.seed, "eval", i), device),
             conditioning(embeds(held[i]), args.resolution, device), args.rollout_steps, args.shift, args.guidance),
             args.resolution)[0]
-        scores, images = judge.evaluate(render, {"judge": m.judge, "reward": m.reward}, held, rank, world)
+        scorers = {"judge": lambda images, prompt: m.judge.score(images, [prompt]),
+                   "reward": judge.relative_score(m.reward, args.pos_words, args.neg_words)}
+        scores, images = judge.evaluate(render, scorers, held, rank, world)
         if master:
             judge.save_strip(os.path.join(args.output_dir, "eval", f"step-{step:06d}.png"), images)
         return {**judge.summary(scores), "eval_time_s": time.time() - t0}

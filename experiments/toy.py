@@ -5,16 +5,17 @@
     python -m experiments.toy demo      # about 2.5 minutes more: out/toy/report.md with its figures
     python -m experiments.toy hacking   # about 12 minutes more: reward hacking of a biased reward, out/hacking/
     python -m experiments.toy nf4       # a few minutes more: LoRA on a 4-bit base against the fp32 base, out/toy-nf4/
+    python -m experiments.toy alarm     # about 10 minutes more: the hacking alarm, healthy and collapsing runs
 
 The world and its build are toy_world.py; the demo and its report, toy_demo.py; the reward-hacking comparison,
-hacking.py; the 4-bit base's, toy_nf4.py. `build` ends by printing the root commands that use the world: the root's
-scripts take it only by flag.
+hacking.py; the 4-bit base's, toy_nf4.py; the alarm's, alarm.py. `build` ends by printing the root commands that
+use the world: the root's scripts take it only by flag.
 """
 import argparse
 
 import torch
 
-from experiments import hacking, toy_demo, toy_nf4, toy_world
+from experiments import alarm, hacking, toy_demo, toy_nf4, toy_world
 from inputs import fail
 
 
@@ -27,7 +28,9 @@ def main(argv=None):
                        ("hacking", "a biased reward (built once into the world) and what SRPO, SRPO without its "
                                    "inversion branch, ReFL and DRaFT-K do with it; writes OUT/report.md"),
                        ("nf4", "LoRA trained on a 4-bit (nf4) base against one on the fp32 base, same seed and steps; "
-                               "writes OUT/report.md")):
+                               "writes OUT/report.md"),
+                       ("alarm", "train.py --judge on healthy and collapsing runs, several seeds: false and missed "
+                                 "alarms; writes OUT/report.md")):
         s = sub.add_parser(name, help=what)
         s.add_argument("--seed", type=int, default=0, help="which world")
         s.add_argument("--quick", action="store_true", help="the quick world: seconds, barely trained (for tests)")
@@ -38,6 +41,8 @@ def main(argv=None):
         if name == "nf4":
             s.add_argument("--out", default="out/toy-nf4")
             s.add_argument("--steps", type=int, default=toy_world.SRPO_STEPS, help="SRPO optimizer steps per run")
+        if name == "alarm":
+            s.add_argument("--out", default="out/alarm")
         if name == "hacking":
             s.add_argument("--out", default="out/hacking")
             s.add_argument("--seeds", type=int, nargs="+", help=f"training seeds of every method; default "
@@ -61,6 +66,8 @@ def main(argv=None):
         toy_demo.demo(paths, args.out, args.steps)
     elif args.command == "nf4":
         toy_nf4.comparison(paths, args.out, args.steps)
+    elif args.command == "alarm":
+        alarm.comparison(paths, args.out, alarm.QUICK if args.quick else alarm.FULL)
     elif args.command == "hacking":
         size = hacking.QUICK if args.quick else hacking.FULL
         hacking.comparison(paths, args.out, args.seed, args.quick, args.seeds or size["seeds"],
