@@ -318,7 +318,9 @@ def load_models(args, device, world):
     frozen_dtype = torch.bfloat16 if args.quantize_base and cuda else torch.float32
     try:
         reward = load_reward(args.reward, args.reward_path, args.clip_h, device, frozen_dtype)
-        judge_model = args.judge and load_reward(args.judge, args.judge_path, args.clip_h, device, frozen_dtype)
+        # the judge: on the CPU beside a 4-bit base (CLIP-H's 2 GB in bf16 would not fit the 24 GB plan)
+        judge_model = args.judge and load_reward(args.judge, args.judge_path, args.clip_h, *(
+            ("cpu", torch.float32) if args.quantize_base else (device, frozen_dtype)))
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
     with loading(args.model, "vae"):
@@ -505,7 +507,7 @@ def main(argv=None):
             m.transformer, latent_noise(args.resolution, rng(args.seed, "eval", i), device),
             conditioning(embeds(held[i]), args.resolution, device), args.rollout_steps, args.shift, args.guidance),
             args.resolution)[0]
-        scorers = {"judge": lambda images, prompt: m.judge.score(images, [prompt]),
+        scorers = {"judge": lambda images, prompt: m.judge.score(images.to(m.judge.model.device), [prompt]),
                    "reward": judge.relative_score(m.reward, args.pos_words, args.neg_words)}
         scores, images = judge.evaluate(render, scorers, held, rank, world)
         if master:

@@ -13,7 +13,8 @@ at which their sharpness (hacking.sharpness, the share of contrast that is fine 
 the factor DEGRADED, up (noise, artifacts) or down (blur, flat color). And the evaluations' share of the run's time,
 beside the share planned for FLUX.1-dev from the H100 measurement (planned_share). A false alarm is an alarm in a
 healthy run; a missed alarm, a collapsing run without one.
-Writes OUT/report.md (the table and the counts), OUT/numbers.json and, per run, its metrics.png and eval/strips.png.
+Writes OUT/report.md (the table and the counts), OUT/numbers.json, OUT/alarm_strips.png and, per run, its
+metrics.png and eval/strips.png.
 """
 import json
 import os
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 import judge
+import plots
 import train
 from experiments.hacking import sharpness
 from experiments.toy_world import SRPO_LR, SRPO_STEPS, say, train_argv
@@ -33,8 +35,8 @@ EVERY = 4          # evaluations: step 0, then every 4 steps (11 over the 40 ste
 COLLAPSE = 30      # the collapsing run's learning rate, in multiples of the toy's
 DEGRADED = 1.25    # held-out images degraded: their mean sharpness off step 0's by this factor, up or down
 RUNS = {"healthy": 1, "collapsing": COLLAPSE}
-FULL = dict(seeds=(0, 1, 2), steps=SRPO_STEPS)
-QUICK = dict(seeds=(0,), steps=4)
+FULL = dict(seeds=(0, 1, 2), steps=SRPO_STEPS, figure_seed=1)  # seed 1: an alarm in each run (experiments/README.md)
+QUICK = dict(seeds=(0,), steps=4, figure_seed=0)
 
 
 def strip_images(path, n):
@@ -98,7 +100,7 @@ def report(results, seeds, steps, seconds):
              if name == "collapsing" and r["alarms"] and r["degraded"] is not None]
     return "\n".join([
         "# The hacking alarm on the toy world", "",
-        f"`python -m experiments.alarm` ({'quick world' if steps != FULL['steps'] else 'the built toy world'}): "
+        f"`python -m experiments.toy alarm` ({'quick world' if steps != FULL['steps'] else 'the built toy world'}): "
         f"seeds {', '.join(map(str, seeds))}, {steps} steps, an evaluation every {EVERY} steps, "
         f"{seconds / 60:.1f} minutes on this CPU ({os.cpu_count()} cores). healthy: lr {SRPO_LR:g}; collapsing: "
         f"lr {SRPO_LR * COLLAPSE:g}. Degraded: the held-out images' sharpness off step 0's by a factor "
@@ -113,6 +115,21 @@ def report(results, seeds, steps, seconds):
         f"8 GPUs, {100 * planned_share(gpus=1):.1f}% on one.", ""])
 
 
+def figure(out, results, seed, prompts=8, size=48):
+    """OUT/alarm_strips.png: the healthy and the collapsing run of one seed side by side, the first prompts of every
+    evaluation, a row each, labeled with the judge's mean and ALARM where it fired."""
+    panels = []
+    for name in RUNS:
+        r = results[name, seed]
+        rows, labels = [], []
+        for step, mean in zip(r["steps"], r["judge"]):
+            images = strip_images(os.path.join(out, f"{name}-seed{seed}", "eval", f"step-{step:06d}.png"), 16)
+            rows.append(list(torch.nn.functional.interpolate(images[:prompts], size=(size, size), mode="area")))
+            labels.append(f"{step}: {mean:.2f}" + (" ALARM" if step in r["alarms"] else ""))
+        panels.append(plots.image_grid(rows, labels, [f"{name}, seed {seed}"], scale=1))
+    return plots.save(os.path.join(out, "alarm_strips.png"), *panels)
+
+
 def comparison(paths, out, size):
     """Every run of RUNS for size's seeds and steps on the world at paths; writes OUT/report.md and numbers.json."""
     t0 = time.time()
@@ -123,5 +140,6 @@ def comparison(paths, out, size):
         f.write(text)
     with open(os.path.join(out, "numbers.json"), "w") as f:
         json.dump({f"{name}-seed{seed}": r for (name, seed), r in results.items()}, f, indent=1)
+    figure(out, results, size["figure_seed"])
     print(text)
     return results

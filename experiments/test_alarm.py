@@ -23,6 +23,7 @@ def test_quick_comparison_counts_the_alarms_train_py_printed(world, tmp_path, ca
         assert r["steps"] == [0, alarm.QUICK["steps"]] and len(r["sharpness"]) == 2 and 0 < r["eval_share"] < 1
         assert Image.open(out / name / "eval" / "strips.png").height > 0 and (out / name / "metrics.png").exists()
         assert not any(p.startswith("checkpoint-") for p in os.listdir(out / name))  # 20 MB each, removed
+    assert Image.open(out / "alarm_strips.png").height == 18 + 2 * 48  # steps 0 and 4, a row each
     report = (out / "report.md").read_text()
     assert all(f"| {name} | 0 |" in report for name in alarm.RUNS) and "False alarms (healthy runs" in report
     assert re.search(r"Planned for FLUX.1-dev .*: \d+\.\d% on 8 GPUs", report)
