@@ -500,19 +500,7 @@ def main(argv=None):
     rows = [read_rows(os.path.join(args.output_dir, "metrics.jsonl")) if master else None]
     dist.broadcast_object_list(rows)  # what the judge said before a resume, on every rank
     evals = [r for r in rows[0] if "eval_judge" in r]
-
-    def evaluate(step):  # judge.py's fields of metrics.jsonl; the images saved on rank 0
-        t0 = time.time()
-        render = lambda i: decode(m.vae, rollout(  # noqa: E731
-            m.transformer, latent_noise(args.resolution, rng(args.seed, "eval", i), device),
-            conditioning(embeds(held[i]), args.resolution, device), args.rollout_steps, args.shift, args.guidance),
-            args.resolution)[0]
-        scorers = {"judge": lambda images, prompt: m.judge.score(images.to(m.judge.model.device), [prompt]),
-                   "reward": judge.relative_score(m.reward, args.pos_words, args.neg_words)}
-        scores, images = judge.evaluate(render, scorers, held, rank, world)
-        if master:
-            judge.save_strip(os.path.join(args.output_dir, "eval", f"step-{step:06d}.png"), images)
-        return {**judge.summary(scores), "eval_time_s": time.time() - t0}
+    evaluate = lambda step: evaluate_held_out(step, args, m, embeds, held, rank, world, device)  # noqa: E731
     if args.judge and start == 0:
         evals.append({"step": 0, **evaluate(0)})
         if master:
@@ -660,6 +648,22 @@ def weights_finite(trainable):
 
 
 # ----------------------------------------------------------------------------------------- what a run writes
+
+def evaluate_held_out(step, args, m, embeds, held, rank, world, device):
+    """judge.py's fields of metrics.jsonl at step: the held-out prompts rendered from their fixed noises (the
+    samples' settings), scored by the judge and by the training reward's relative part; the images saved on rank 0."""
+    t0 = time.time()
+    render = lambda i: decode(m.vae, rollout(  # noqa: E731
+        m.transformer, latent_noise(args.resolution, rng(args.seed, "eval", i), device),
+        conditioning(embeds(held[i]), args.resolution, device), args.rollout_steps, args.shift, args.guidance),
+        args.resolution)[0]
+    scorers = {"judge": lambda images, prompt: m.judge.score(images.to(m.judge.model.device), [prompt]),
+               "reward": judge.relative_score(m.reward, args.pos_words, args.neg_words)}
+    scores, images = judge.evaluate(render, scorers, held, rank, world)
+    if rank == 0:
+        judge.save_strip(os.path.join(args.output_dir, "eval", f"step-{step:06d}.png"), images)
+    return {**judge.summary(scores), "eval_time_s": time.time() - t0}
+
 
 def save_samples(m, cond, caption, noise, path, args, rank, world):
     """Every rank renders its own fixed prompt from its own fixed noise; rank 0 saves the grid."""
