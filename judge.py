@@ -163,6 +163,8 @@ def draw_strips(folder, rows, size=96):
 
 
 def save_strip(path, images):
-    """The held-out images (N, 3, H, W) uint8 side by side, as one PNG."""
+    """The held-out images (N, 3, H, W) uint8 side by side, as one PNG, renamed into place when written: strips.png
+    reads it back, after a crash too."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(torch.cat(list(images), dim=2).permute(1, 2, 0).numpy()).save(path)
+    Image.fromarray(torch.cat(list(images), dim=2).permute(1, 2, 0).numpy()).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)

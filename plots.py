@@ -78,5 +78,6 @@ def save(path, *panels, columns=None):
             sheet.paste(panel, (sum(p.width for p in row[:i]), top))
         top += max(p.height for p in row)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    sheet.save(path, optimize=True)
+    sheet.save(path + ".tmp.png", optimize=True)
+    os.replace(path + ".tmp.png", path)  # whole or not at all: a figure redrawn as a run goes survives its crash
     return path
