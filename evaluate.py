@@ -17,7 +17,6 @@ sample.py's settings (seed, size, steps, guidance, T5 length):
     mean diff = mean(d_i), its 95% interval = the 2.5 and 97.5 percentiles of the means of 10,000 resamples
                 (with replacement, fixed seed) of the d_i: a percentile bootstrap.
 """
-import argparse
 import json
 import os
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inputs import check_clip_h, check_ranges, fail, read_text, run_command
+from inputs import Parser, check_clip_h, check_ranges, fail, read_text, run_command
 from srpo_reward import KINDS, load_reward
 
 RESAMPLES = 10_000  # bootstrap resamples: enough that the ends' Monte Carlo error is about 1% of the width
@@ -34,7 +33,7 @@ PAIRED = ("prompt", "seed", "height", "width", "num_inference_steps", "guidance_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("dirs", nargs="+", metavar="DIR", help="one folder, or two: the base, then SRPO")
     p.add_argument("--reward", nargs="+", default=["hps"], choices=KINDS, help="one column each; default hps")
     p.add_argument("--reward-path", nargs="*", default=[],

@@ -1,6 +1,7 @@
 """What a user hands to train.py, sample.py and evaluate.py, checked before any model loads: prompt files, captioned
 images. A problem ends the run with one line, `error: ...`, naming the flag or file and what was expected, and exit
 code 2 (`fail`), never a traceback."""
+import argparse
 import contextlib
 import ctypes
 import json
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def fail(message, this_rank_only=False):
@@ -34,6 +35,17 @@ def fail(message, this_rank_only=False):
     if rank and not this_rank_only and "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun
         time.sleep(60)
     sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose own errors (a misspelled flag, a value not among the choices) are fail's one line,
+    not a usage block and a second format."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        fail(f"{message} (--help lists the flags)")
 
 
 def run_command(main, after_stop):
@@ -215,9 +227,13 @@ def read_captioned_images(folder, resolution, flag="--image-dir"):
     is opened and converted now, so a broken one stops the run at its start, with its path, not at its step."""
     if not os.path.isdir(folder):
         fail(f"{flag} {folder}: folder not found")
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(os.listdir(folder))
+    paths = [os.path.join(folder, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not paths:
         fail(f"{flag} {folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
+    other = [f for f in names if not f.lower().endswith((*IMAGE_EXTENSIONS, ".txt"))]
+    if other and int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(f"{flag} {folder}: not images, skipped: {', '.join(other[:5])}{', ...' if len(other) > 5 else ''}")
     captions = []
     for path in tqdm(paths, desc="checking images", leave=False, disable=len(paths) < 100):
         txt = os.path.splitext(path)[0] + ".txt"

@@ -14,7 +14,6 @@ the same whichever rank makes it and however many ranks there are. A rerun skips
 killed job resumes. Each folder gets NNNNN.png (prompt, seed and settings in the PNG text), prompts.jsonl
 (the same, one object per image, written when the folder is complete) and contact_sheet.png.
 """
-import argparse
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 import checkpoint
 from flux import quantize_nf4
-from inputs import SEED, SIZE, T5_TOKENS, check_ranges, fail, read_prompts, run_command
+from inputs import SEED, SIZE, T5_TOKENS, Parser, check_ranges, fail, read_prompts, run_command
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release write
 LORA_NAME = "pytorch_lora_weights.safetensors"         # what train.py --lora-rank writes (diffusers' LoRA format)
@@ -53,7 +52,7 @@ RANGES = [("height", *SIZE), ("width", *SIZE),
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--model", help="FluxPipeline folder or hub id (default: the tiny random pipeline of tiny.py)")
     p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it")
     p.add_argument("--lora", help=f"SRPO LoRA: {LORA_NAME}, or a folder holding it")

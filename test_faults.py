@@ -438,7 +438,20 @@ def test_bad_numbers_and_files_stop_train_py_before_anything_loads(tmp_path, cap
     (images / "d.webp").write_bytes(raw.replace(tiff, b"MM\0\x85", 1))  # broken
     assert error("--image-dir", images).startswith(f"--image-dir: {images}/d.webp: cannot read it as an image "
                                                    f"(SyntaxError: not a TIFF file")
+    assert error("--lora_rank", "4") == "unrecognized arguments: --lora_rank 4 (--help lists the flags)"
+    assert error("--reward", "hsp").startswith("argument --reward: invalid choice: 'hsp' (choose from 'hps', ")
     assert not out.exists()  # every check ran before the lock, the text cache, any model
+
+
+def test_images_of_every_format_pil_reads_are_trained_and_other_files_named(tmp_path, capsys):
+    from inputs import read_captioned_images
+    for name, kind in (("a.bmp", "BMP"), ("b.tif", "TIFF"), ("c.png", "PNG")):
+        Image.new("RGB", (40, 40), "red").save(tmp_path / name, kind)
+        (tmp_path / name).with_suffix(".txt").write_text(f"photo {name}")
+    (tmp_path / "notes.md").write_text("how these were made")
+    captions, paths = read_captioned_images(str(tmp_path), 32)
+    assert captions == ["photo a.bmp", "photo b.tif", "photo c.png"] and len(paths) == 3
+    assert capsys.readouterr().out == f"--image-dir {tmp_path}: not images, skipped: notes.md\n"
 
 
 def test_damaged_model_and_reward_files_and_conflicting_flags_are_one_line(tmp_path, capsys):

@@ -46,7 +46,7 @@ import judge
 from flux import (LORA_TARGETS, NF4_BYTES, add_lora, autocast, conditioning, decode, encode_image, encode_prompts,
                   fill_from_checkpoint, latent_noise, num_weights, quantize_nf4, rollout, save_weights,
                   transformer_on_meta, velocity)
-from inputs import (SEED, SIZE, T5_TOKENS, check_clip_h, check_flux_folder, check_ranges, fail, load_image,
+from inputs import (SEED, SIZE, T5_TOKENS, Parser, check_clip_h, check_flux_folder, check_ranges, fail, load_image,
                     read_captioned_images, read_prompts, run_command)
 from srpo import BRANCHES, srpo_step
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, load_reward
@@ -83,7 +83,7 @@ WORDS = (lambda v: v.strip(), "words that are not blank (the reward would compar
 
 def parse_args(argv=None):
     """The flags, every default stated once (below, or in RECIPES), each range check beside its flag."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     checks = []
     recipe = lambda key: "; ".join(f"{r[key]} ({name})" for name, r in RECIPES.items() if key in r)  # noqa: E731
 
