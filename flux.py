@@ -36,10 +36,25 @@ def autocast(device):
 
 
 def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, dtype):
-    """FLUX conditioning of each prompt: T5 sequence and CLIP pooled embeddings (METHOD.md §5). They depend only
-    on the caption, so they are computed once, cached as safetensors, and the text encoders are freed. Returns
-    embeds(prompt), which reads one prompt's tensors from the cache onto the device (a few MB each: read when
-    used rather than all kept on the GPU)."""
+    """FLUX conditioning of each prompt: T5 sequence and CLIP pooled embeddings (METHOD.md §5), cached (text_cache).
+    Returns embeds(prompt)."""
+    def encode(pipe, prompt):
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length)
+        return dict(encoder_hidden_states=embeds, pooled_projections=pooled)
+    return text_cache(model_dir, prompts, max_sequence_length, cache_dir, device, TEXT_KEYS,
+                      lambda: FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype), encode)
+
+
+TEXT_KEYS = ("encoder_hidden_states", "pooled_projections")  # one FLUX text_cache file's tensors
+
+
+def text_cache(model_dir, prompts, max_sequence_length, cache_dir, device, keys, load_encoder, encode):
+    """A model's text embeddings of each prompt, encode(pipeline, prompt) -> {key: tensor} for each of keys. They
+    depend only on the caption, so they are computed once with the pipeline load_encoder() returns (its text encoders
+    only), cached as safetensors, and the encoders freed. A damaged file is computed again, with one line. Returns
+    embeds(prompt), which reads one prompt's tensors from the cache onto the device (a few MB each: read when used
+    rather than all kept on the GPU)."""
     stamp = os.path.getmtime(os.path.join(model_dir, "model_index.json"))  # a model rebuilt in place: new keys
 
     def path(prompt):
@@ -49,7 +64,7 @@ def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, d
     def intact(file):  # written whole and renamed; a disk or a hand may still cut or garble it
         try:
             with safe_open(file, "pt") as f:
-                return set(f.keys()) == {"encoder_hidden_states", "pooled_projections"}
+                return set(f.keys()) == set(keys)
         except (SafetensorError, OSError):
             return False
     todo = [p for p in dict.fromkeys(prompts) if not intact(path(p))]
@@ -58,13 +73,12 @@ def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, d
         tqdm.write(f"{cache_dir}: {damaged} damaged text embeddings computed again")
     if todo:
         os.makedirs(cache_dir, exist_ok=True)
-        pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype).to(device)
+        pipe = load_encoder().to(device)
         for prompt in tqdm(todo, desc="text embeddings", leave=False, disable=len(todo) < 50):
             with torch.no_grad():
-                embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device,
-                                                       max_sequence_length=max_sequence_length)
+                tensors = encode(pipe, prompt)
             tmp = f"{path(prompt)}.{socket.gethostname()}.{os.getpid()}.tmp"  # ranks of all nodes may write it
-            save_file({"encoder_hidden_states": embeds.cpu(), "pooled_projections": pooled.cpu()}, tmp)
+            save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
             os.replace(tmp, path(prompt))
         del pipe
         if device.type == "cuda":
@@ -100,14 +114,15 @@ def conditioning(embeds, resolution, device):
 
 
 @torch.no_grad()
-def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
+def rollout(transformer, noise, cond, steps, shift, guidance, progress=False, velocity_of=velocity):
     """x0 of the current model: Euler steps on the shift-3 grid from pure noise (METHOD.md §5), no gradient.
     Under FSDP2 each block keeps its gathered weights for all the steps (one all-gather per rollout, not
     one per step; FLUX's bf16 copy fits beside the shards from 8 GPUs on) and frees them at the end. Under DDP
     the fp32 weights are cast to bf16 once per rollout, not once per step: autocast keeps its casts of weights
-    until its outermost context ends, and one context here holds velocity's for all the steps."""
+    until its outermost context ends, and one context here holds velocity's for all the steps. velocity_of: the
+    model family's velocity (qwen.velocity for Qwen-Image)."""
     if torch.is_autocast_enabled(noise.device.type):  # METHOD.md §7
-        raise RuntimeError("flux.rollout inside an autocast region: its bf16 casts of the weights, made without "
+        raise RuntimeError("rollout inside an autocast region: its bf16 casts of the weights, made without "
                            "gradient, would be reused by later passes until that region ends, and give no gradient")
     blocks = [m for m in transformer.modules() if isinstance(m, FSDPModule) and m is not transformer]
     for block in blocks:
@@ -117,7 +132,7 @@ def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
     with autocast(noise.device):
         for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), desc="rollout", leave=False,
                                       disable=not progress):
-            x = euler_step(x, velocity(transformer, x, sigma, cond, guidance), sigma, sigma_next)
+            x = euler_step(x, velocity_of(transformer, x, sigma, cond, guidance), sigma, sigma_next)
     for block in blocks:
         block.reshard()
         block.set_reshard_after_forward(True)

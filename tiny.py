@@ -1,13 +1,14 @@
-"""Tiny random stand-ins for FLUX.1-dev and the CLIP-style reward models, so every file runs on a CPU.
+"""Tiny random stand-ins for FLUX.1-dev, Qwen-Image and the CLIP-style reward models, so every file runs on a CPU.
 
 build_tiny_flux writes a FluxPipeline folder with FLUX.1-dev's layout, scheduler and VAE constants;
-build_tiny_clip writes a CLIPModel + tokenizer standing in for HPSv2.1 / PickScore / CLIP. Both are
-written with save_pretrained, so the other files load them through the same from_pretrained paths they
-use for the real checkpoints: only the sizes and the (random) weights differ. Nothing is downloaded:
-the models are built from configs and the tokenizers from the small caption vocabulary below.
+build_tiny_qwen a QwenImagePipeline folder with Qwen-Image's; build_tiny_clip writes a CLIPModel + tokenizer
+standing in for HPSv2.1 / PickScore / CLIP. All are written with save_pretrained, so the other files load them
+through the same from_pretrained paths they use for the real checkpoints: only the sizes and the (random) weights
+differ. Nothing is downloaded: the models are built from configs and the tokenizers from the small caption
+vocabulary below.
 
     flux_dir, clip_dir = tiny_model_paths()   # built once under $SRPO_TINY_DIR or ~/.cache/srpo-tiny,
-                                              # in folders keyed by this file's code (cache_key)
+    qwen_dir = tiny_qwen_path()               # in folders keyed by this file's code (cache_key)
 """
 import hashlib
 import os
@@ -18,13 +19,15 @@ import tempfile
 from collections import Counter
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel)
 from tokenizers import pre_tokenizers
-from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, T5Config,
                           T5EncoderModel, T5Tokenizer)
 
-# Words both tokenizers keep whole: caption words and the SRPO control words (METHOD.md §4). Other text is
-# still tokenized: spelled in bytes (CLIP) or characters (T5), with <unk> for non-ASCII in T5.
+# Words the tokenizers keep whole: caption words and the SRPO control words (METHOD.md §4). Other text is
+# still tokenized: spelled in bytes (CLIP, Qwen) or characters (T5), with <unk> for non-ASCII in T5.
 CORPUS = """
 a an the of in on at with and under near photo picture portrait image close up view
 cat dog bird horse man woman girl boy people car house city street tree flower forest mountain lake
@@ -32,13 +35,17 @@ sea beach sky cloud sun moon night water field road table chair window room
 red blue green yellow white black old young small big beautiful sitting standing running
 Natural-lighting Detail Detailed Real Concept art Painting Anime Flat Oil bright dark
 """
+# The words of QwenImagePipeline's prompt template, kept whole by the Qwen tokenizer so that the template's system
+# prefix is the 34 tokens the pipeline drops (prompt_template_encode_start_idx), as with Qwen's own tokenizer.
+QWEN_TEMPLATE_WORDS = """system user assistant Describe the image by detailing color shape size texture quantity
+text spatial relationships of objects and background"""
 
 
-def bpe_merges(words):
+def bpe_merges(words, end_of_word="</w>"):
     """Train a byte-pair encoding (Sennrich et al. 2016) until each word is one token: repeatedly join the
     pair of symbols found in the most words. Ties go alphabetically, so the merge ranks are reproducible
     (tokenizers' BpeTrainer breaks ties differently from run to run)."""
-    words = [" ".join(word) + "</w>" for word in words]  # "c a t</w>": CLIP marks the end of each word
+    words = [" ".join(word) + end_of_word for word in words]  # "c a t</w>": CLIP marks the end of each word
     merges = []
     while True:
         pairs = Counter(pair for w in words for pair in set(zip(w.split(), w.split()[1:])))
@@ -70,6 +77,22 @@ def t5_tokenizer():
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + w, -1.0) for w in sorted(set(CORPUS.split()))] + [(c, -5.0) for c in chars]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def qwen_tokenizer():
+    """Qwen2.5-VL's byte-level BPE over a tiny vocabulary: the 256 byte symbols (so no text is ever unknown),
+    merges that make each corpus and template word one token both bare and after a space ("Ġcat", as Qwen's
+    pre-tokenizer splits " cat"; byte-level BPE has no end-of-word mark), then Qwen's <|endoftext|> <|im_start|>
+    <|im_end|>. As in Qwen2.5-VL: eos <|im_end|>, pad <|endoftext|>, no bos."""
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # " cat" -> "Ġcat"
+    words = sorted(set(re.findall(r"[A-Za-z]+", CORPUS + QWEN_TEMPLATE_WORDS)))
+    pieces = sorted({to_bytes.pre_tokenize_str(s)[0][0] for w in words for s in (w, " " + w)})
+    merges = bpe_merges(pieces, end_of_word="")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges] + specials
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          unk_token=None, model_max_length=131072, additional_special_tokens=specials[1:])
 
 
 def clip_text_config(tokenizer):
@@ -110,6 +133,47 @@ def build_tiny_flux(path, seed=0):
     pipe.save_pretrained(path)
 
 
+def build_tiny_qwen(path, seed=0):
+    """Write a Qwen-Image-layout QwenImagePipeline folder with tiny random weights (same seed, same files)."""
+    tokenizer = qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Qwen2.5-VL; the pipeline uses only its text tower, but the model always builds (and saves) a vision tower:
+        # the smallest that builds, its output as wide as the text. head_dim 32 / 2 = 16, and M-RoPE's three
+        # sections (time, height, width) sum to head_dim / 2 as Qwen2.5-VL-7B's [16, 24, 24] do for 128. The
+        # vision token ids lie past the vocabulary, so no text token is taken for one.
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                             rms_norm_eps=1e-6, rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3],
+                                                                      rope_theta=1e6),
+                             bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                               fullatt_block_indexes=[0], tokens_per_second=2),
+            image_token_id=len(tokenizer), video_token_id=len(tokenizer) + 1,
+            vision_start_token_id=len(tokenizer) + 2, vision_end_token_id=len(tokenizer) + 3))
+        # joint_attention_dim = the text encoder's width; in_channels 4 x 16: 2x2 patches of the 16 VAE channels;
+        # the rope axes (each even) sum to the head dim; no guidance embedding, as Qwen-Image
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+        # 3 downsamplings (temperal_downsample has len(dim_mult) - 1 entries): 8x as the pipeline assumes; 16 latent
+        # channels with Qwen-Image's per-channel latents_mean / latents_std (the class defaults are its values)
+        vae = AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                                     temperal_downsample=[False, True, True])
+    # Qwen-Image's scheduler config verbatim: exponential resolution-dependent shift, last sigma stretched to 0.02
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    assert len(tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx, "the tokens dropped != prefix"
+    pipe.save_pretrained(path)
+
+
 def build_tiny_clip(path, seed=0):
     """Write a tiny CLIPModel (32x32 images, 8x8 patches, width 32, 16-d embeddings) and its tokenizer."""
     tokenizer = clip_tokenizer()
@@ -134,13 +198,13 @@ def cache_key(seed):
     return f"seed{seed}-{hashlib.sha256(code + key.encode()).hexdigest()[:12]}"
 
 
-def tiny_model_paths(root=None, seed=0):
-    """(flux_dir, clip_dir) under root (default $SRPO_TINY_DIR, else ~/.cache/srpo-tiny), built if missing, in
-    folders named by cache_key."""
+def tiny_paths(models, root, seed):
+    """The folders of models [(name, build)] under root (default $SRPO_TINY_DIR, else ~/.cache/srpo-tiny), each
+    built if missing, named by cache_key."""
     root = root or os.environ.get("SRPO_TINY_DIR") or os.path.expanduser("~/.cache/srpo-tiny")
     os.makedirs(root, exist_ok=True)
     paths = []
-    for name, build in (("flux", build_tiny_flux), ("clip", build_tiny_clip)):
+    for name, build in models:
         path = os.path.join(root, f"{name}-{cache_key(seed)}")
         if not os.path.isdir(path):
             # build beside it, then rename: a crash or racing torchrun ranks never leave a half folder
@@ -154,3 +218,13 @@ def tiny_model_paths(root=None, seed=0):
                     raise
         paths.append(path)
     return tuple(paths)
+
+
+def tiny_model_paths(root=None, seed=0):
+    """(flux_dir, clip_dir), each built once (tiny_paths)."""
+    return tiny_paths([("flux", build_tiny_flux), ("clip", build_tiny_clip)], root, seed)
+
+
+def tiny_qwen_path(root=None, seed=0):
+    """The tiny Qwen-Image folder, built once (tiny_paths)."""
+    return tiny_paths([("qwen", build_tiny_qwen)], root, seed)[0]

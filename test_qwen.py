@@ -1,0 +1,175 @@
+"""Tests of qwen.py against diffusers' QwenImagePipeline itself: its prompt encoding, its latents, its denoising loop
+(with and without true CFG), its decode; the meta-device build against from_pretrained. CPU, fp32, the tiny random
+Qwen-Image of tiny.py. Run: python -m pytest -q test_qwen.py"""
+import math
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flux
+import qwen
+from direct_align import sigma_schedule
+
+os.environ.setdefault("SRPO_TINY_DIR", tempfile.mkdtemp(prefix="srpo-tiny-"))
+torch.set_num_threads(2)
+CPU = torch.device("cpu")
+MAX_LEN = 32  # text tokens kept (the pipeline allows up to 1024)
+# 42 tokens: longer than the template's 34-token prefix, and, with the template's 5 closing tokens, cut to MAX_LEN
+LONG = ("a photo of an old man with a big black dog sitting on a chair near the window in the city at night, "
+        "red blue green yellow white cloud sun moon water field road table tree flower forest mountain lake sea")
+PROMPTS = ["a red cat", "", LONG]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny Qwen-Image folder and its QwenImagePipeline, fp32."""
+    from diffusers import QwenImagePipeline
+    from tiny import tiny_qwen_path
+    path = tiny_qwen_path()
+    pipe = QwenImagePipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return path, pipe
+
+
+@pytest.fixture(scope="module")
+def embeds(tiny, tmp_path_factory):
+    return qwen.encode_prompts(tiny[0], PROMPTS, MAX_LEN, str(tmp_path_factory.mktemp("text")), CPU, torch.float32)
+
+
+def test_cached_embeddings_are_the_pipelines_encode_prompt_and_are_read_without_the_text_encoder(tiny, tmp_path,
+                                                                                                monkeypatch, capsys):
+    from diffusers import QwenImagePipeline
+    path, pipe = tiny
+    cache = str(tmp_path / "text")
+    first = qwen.encode_prompts(path, PROMPTS, MAX_LEN, cache, CPU, torch.float32)
+    lengths = []
+    for prompt in PROMPTS:
+        expected, mask = pipe.encode_prompt(prompt, device=CPU, max_sequence_length=MAX_LEN)
+        got = first(prompt)
+        assert mask is None  # one prompt has no padding: the pipeline says so with None, we store ones
+        assert torch.equal(got["encoder_hidden_states"], expected), prompt  # the same code on the same CPU: bits
+        assert torch.equal(got["encoder_hidden_states_mask"], torch.ones(expected.shape[:2], dtype=torch.long))
+        lengths.append(expected.shape[1])
+    assert lengths == [8, 5, MAX_LEN]  # "" keeps the template's closing 5 tokens; LONG is cut to MAX_LEN
+
+    monkeypatch.setattr(QwenImagePipeline, "from_pretrained", lambda *a, **k: pytest.fail("text encoder loaded"))
+    again = qwen.encode_prompts(path, PROMPTS, MAX_LEN, cache, CPU, torch.float32)
+    assert all(torch.equal(again(p)[k], first(p)[k]) for p in PROMPTS for k in qwen.TEXT_KEYS)
+    monkeypatch.undo()
+
+    file = os.listdir(cache)[0]
+    with open(os.path.join(cache, file), "r+b") as f:  # cut short, as a full disk would
+        f.truncate(100)
+    repaired = qwen.encode_prompts(path, PROMPTS, MAX_LEN, cache, CPU, torch.float32)
+    assert capsys.readouterr().out.count(f"{cache}: 1 damaged text embeddings computed again") == 1
+    assert all(torch.equal(repaired(p)[k], first(p)[k]) for p in PROMPTS for k in qwen.TEXT_KEYS)
+
+
+def test_latent_noise_is_the_pipelines_prepare_latents(tiny):
+    """The same draw from the same generator in the same layout: (1, frames, 16, H/8, W/8), packed."""
+    _, pipe = tiny
+    expected = pipe.prepare_latents(1, 16, 32, 32, torch.float32, CPU, torch.Generator().manual_seed(3))
+    got = qwen.latent_noise(32, torch.Generator().manual_seed(3), CPU)
+    assert got.shape == (1, 4, 64) and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_rollout_is_the_pipelines_denoising_loop_without_and_with_true_cfg(tiny, embeds, steps, monkeypatch):
+    """The pipeline's own loop from the same latents on the release's grid (shift 1: linear sigmas). Its scheduler
+    normally shifts the grid by the image size and stretches its end (Qwen-Image's config); here it is told to take
+    the sigmas as given. At 2 and 4 steps the sigmas 1, 0.75, 0.5, 0.25 are multiples of 1/1000, so the release's
+    floored timestep that the rollout feeds is the pipeline's sigma: at 3 steps the rollout would feed 0.666 where
+    the pipeline feeds 0.6667."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    path, pipe = tiny
+    sigmas = sigma_schedule(steps, 1.0)[:-1].tolist()
+    assert all(math.floor(s * 1000) / 1000 == s for s in sigmas)
+    monkeypatch.setattr(pipe, "scheduler", FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None))
+    noise = qwen.latent_noise(32, torch.Generator().manual_seed(0), CPU)
+    results = []
+    for guidance, negative in ((1.0, None), (4.0, "")):
+        expected = pipe("a red cat", negative_prompt=negative, true_cfg_scale=guidance, height=32, width=32,
+                        sigmas=sigmas, num_inference_steps=steps, latents=noise.clone(), output_type="latent",
+                        max_sequence_length=MAX_LEN).images
+        cond = qwen.conditioning(embeds("a red cat"), 32, CPU, negative=None if negative is None else embeds(""))
+        got = qwen.rollout(pipe.transformer, noise, cond, steps, 1.0, guidance)
+        assert torch.equal(got, expected), guidance  # the same operations in the same order on one CPU: the same bits
+        results.append(got)
+    assert not torch.allclose(*results, rtol=0.1)  # true CFG changed the outcome: the comparison above says something
+
+
+def test_velocity_feeds_the_floored_timestep_and_no_cfg_without_a_negative_or_at_scale_1(tiny, embeds):
+    """floor(sigma * 1000) / 1000 as the release (0.6667 -> 0.666); a single forward without a negative or at
+    guidance 1, whatever else is asked. Against the transformer called directly."""
+    _, pipe = tiny
+    x = qwen.latent_noise(32, torch.Generator().manual_seed(1), CPU)
+    cond = qwen.conditioning(embeds("a red cat"), 32, CPU)
+    with torch.no_grad():
+        direct = pipe.transformer(hidden_states=x, timestep=torch.tensor([0.666]), return_dict=False, **cond)[0]
+        assert torch.equal(qwen.velocity(pipe.transformer, x, 2 / 3, cond, 4.0), direct)
+        with_negative = dict(cond, negative=qwen.conditioning(embeds(""), 32, CPU))
+        assert torch.equal(qwen.velocity(pipe.transformer, x, 2 / 3, with_negative, 1.0), direct)
+        assert not torch.allclose(qwen.velocity(pipe.transformer, x, 2 / 3, with_negative, 4.0), direct, rtol=0.1)
+
+
+def test_decode_is_the_pipelines_decode_of_the_same_latents(tiny):
+    _, pipe = tiny
+    run = lambda output_type: pipe("a red cat", true_cfg_scale=1.0, height=32, width=32, num_inference_steps=2,  # noqa: E731
+                                   generator=torch.Generator().manual_seed(2), output_type=output_type).images
+    images = qwen.decode(pipe.vae, run("latent"), 32)
+    assert images.shape == (1, 3, 32, 32) and images.std() > 0.01  # a picture, not a constant
+    assert torch.equal(images, run("pt"))  # x * 0.5 and x / 2 are the same float: the same bits
+
+
+def test_encode_image_is_the_vaes_latent_normalized_and_packed_as_decode_reads_it(tiny):
+    """The pipeline's own image preprocessing and unpacking, and its decode's un-normalization, bring encode_image's
+    output back to the VAE's sample of the image (the same generator): the layout, the frame axis and the direction
+    of the normalization, each of which a mistake would scramble or scale."""
+    from diffusers import QwenImagePipeline
+    _, pipe = tiny
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    got = qwen.encode_image(pipe.vae, torch.from_numpy(pixels), torch.Generator().manual_seed(4))
+    image = pipe.image_processor.preprocess(Image.fromarray(pixels))[:, :, None]  # (1, 3, 1, 32, 32) in [-1, 1]
+    with torch.no_grad():
+        expected = pipe.vae.encode(image).latent_dist.sample(generator=torch.Generator().manual_seed(4))
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, 16, 1, 1, 1)
+    back = QwenImagePipeline._unpack_latents(got, 32, 32, pipe.vae_scale_factor) / (1 / std) + mean
+    # the same pixels in [-1, 1] and the same sample; the normalization there and back rounds twice: measured 4e-7 on
+    # latents up to 3, a few fp32 steps; a wrong layout, frame axis or direction is off by the latents' whole size
+    assert back.shape == expected.shape and torch.allclose(back, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_on_meta_filled_from_the_checkpoint_equals_from_pretrained(tiny, embeds):
+    """The RoPE tables, which a meta build leaves on meta (no checkpoint holds them), built again: the same forward."""
+    from diffusers import QwenImageTransformer2DModel
+    path, _ = tiny
+    built = flux.fill_from_checkpoint(qwen.transformer_on_meta(path).to_empty(device="cpu"), path)
+    loaded = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), loaded.state_dict().values()))
+    # from_pretrained leaves the weights in the memory-mapped file, at offsets not aligned to 64 bytes, where the
+    # CPU's matmul takes another path and rounds otherwise (2e-7 here); in fresh memory, as fill_from_checkpoint's
+    # are, it is the same path
+    for p in loaded.parameters():
+        p.data = p.data.clone()
+    x = qwen.latent_noise(32, torch.Generator().manual_seed(5), CPU)
+    cond = qwen.conditioning(embeds(LONG), 32, CPU)
+    assert torch.equal(qwen.velocity(built, x, 0.5, cond, None), qwen.velocity(loaded, x, 0.5, cond, None))
+
+
+def test_lora_targets_are_every_blocks_attention_and_mlp_linears(tiny):
+    """peft wraps exactly the 8 attention and 4 MLP linears of each block, nothing else (not the modulations)."""
+    from diffusers import QwenImageTransformer2DModel
+    from peft import LoraConfig
+    path, _ = tiny
+    transformer = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer")
+    linears = {name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+               and name.startswith("transformer_blocks.") and ("attn." in name or "_mlp." in name)}
+    transformer.add_adapter(LoraConfig(r=2, target_modules=list(qwen.LORA_TARGETS)))
+    wrapped = {name for name, m in transformer.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == linears and len(wrapped) == 12 * transformer.config.num_layers
