@@ -14,7 +14,7 @@ from contextlib import nullcontext
 
 import bitsandbytes as bnb
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from direct_align import euler_step, sigma_schedule
 
+PIPELINE, TRANSFORMER, VAE = FluxPipeline, FluxTransformer2DModel, AutoencoderKL  # what a --model folder holds
 AUTOCAST_DEVICES = ("cuda",)  # where the release's bf16 autocast runs; a CPU computes in fp32 (tests compare there)
 
 
@@ -103,6 +104,11 @@ def latent_noise(resolution, generator, device):
     h = w = resolution // 8
     noise = torch.randn(1, 16, h, w, generator=generator)
     return FluxPipeline._pack_latents(noise, 1, 16, h, w).to(device)
+
+
+def condition(embeds, caption, resolution, device):
+    """conditioning of caption, from embeds(prompt) (encode_prompts'): what train.py asks every model family for."""
+    return conditioning(embeds(caption), resolution, device)
 
 
 def conditioning(embeds, resolution, device):
@@ -197,6 +203,16 @@ def fill_from_checkpoint(transformer, model_dir, lora_seed=0):
     return transformer
 
 
+def blocks(transformer):
+    """The transformer's blocks, each one FSDP2 unit: FLUX's double-stream blocks, then its single-stream ones."""
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def frozen(transformer):
+    """The parameters that never get a gradient (qwen.frozen's): none in FLUX, where every block's output is used."""
+    return []
+
+
 def transformer_on_meta(model_dir):
     """FluxTransformer2DModel from the folder's config on the meta device: shapes only, no memory."""
     config = FluxTransformer2DModel.load_config(model_dir, subfolder="transformer")
@@ -223,13 +239,13 @@ def initial_lora(name, shape, seed):
 
 
 @torch.no_grad()
-def add_lora(transformer, rank, alpha, base_dtype, seed):
-    """peft LoRA adapters of `rank` on LORA_TARGETS, scaled by alpha / rank (diffusers' add_adapter). The base is
-    frozen in base_dtype (never updated: bf16 on a GPU); the adapters are fp32 and start from initial_lora (small
-    updates at these learning rates vanish in bf16, METHOD.md §7). On the meta device only the dtypes are set:
-    fill_from_checkpoint gives the values."""
+def add_lora(transformer, rank, alpha, base_dtype, seed, targets=None):
+    """peft LoRA adapters of `rank` on targets (default LORA_TARGETS), scaled by alpha / rank (diffusers'
+    add_adapter). The base is frozen in base_dtype (never updated: bf16 on a GPU); the adapters are fp32 and start
+    from initial_lora (small updates at these learning rates vanish in bf16, METHOD.md §7). On the meta device only
+    the dtypes are set: fill_from_checkpoint gives the values."""
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=list(LORA_TARGETS)))
+                                       target_modules=list(targets or LORA_TARGETS)))
     for name, p in transformer.named_parameters():
         if not p.is_floating_point():  # a 4-bit base's packed weights (quantize_nf4) stay as they are
             continue

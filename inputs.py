@@ -138,8 +138,12 @@ def check_clip_h(clip_h, reward_paths):
         fail(f"--reward-path {hps_file}: an HPSv2.1 checkpoint needs --clip-h ({expected})")
 
 
-def check_flux_folder(model, flag="--model"):
-    """A diffusers pipeline folder whose model_index.json names a FLUX pipeline."""
+FAMILIES = {"Flux": "flux", "QwenImage": "qwen"}  # a pipeline class's prefix -> the module with its plumbing
+
+
+def check_model_folder(model, flag="--model"):
+    """A diffusers pipeline folder whose model_index.json names a FLUX or a Qwen-Image pipeline: the module's name
+    (flux, qwen)."""
     index = os.path.join(model, "model_index.json")
     if not os.path.isfile(index):
         fail(f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
@@ -147,8 +151,11 @@ def check_flux_folder(model, flag="--model"):
         pipeline = json.load(open(index, "rb")).get("_class_name")
     except (ValueError, AttributeError):  # not JSON, or not an object
         pipeline = None
-    if not str(pipeline).startswith("Flux"):
-        fail(f"{flag} {model}: model_index.json does not name a FLUX pipeline (expected _class_name FluxPipeline)")
+    family = next((name for prefix, name in FAMILIES.items() if str(pipeline).startswith(prefix)), None)
+    if family is None:
+        fail(f"{flag} {model}: model_index.json names neither a FLUX nor a Qwen-Image pipeline (expected _class_name "
+             f"FluxPipeline or QwenImagePipeline)")
+    return family
 
 def read_text(path, flag, what):
     """The text of a file, UTF-8 (a leading byte-order mark dropped) or UTF-16 with its byte-order mark, or one line

@@ -21,11 +21,13 @@ Where Qwen-Image differs from FLUX:
 import math
 
 import torch
-from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 
 from flux import autocast, text_cache
 from flux import rollout as flux_rollout
 
+PIPELINE, TRANSFORMER, VAE = QwenImagePipeline, QwenImageTransformer2DModel, AutoencoderKLQwenImage
+NEGATIVE = ""  # true CFG's negative prompt, the release's and the pipeline's default: encoded beside every prompt
 TEXT_KEYS = ("encoder_hidden_states", "encoder_hidden_states_mask")  # one cache file's tensors
 
 
@@ -33,13 +35,13 @@ def encode_prompts(model_dir, prompts, max_sequence_length, cache_dir, device, d
     """Qwen-Image conditioning of each prompt, QwenImagePipeline.encode_prompt's: the template-wrapped prompt through
     Qwen2.5-VL, its system prefix dropped, cut to max_sequence_length tokens; and the mask, all ones where the
     pipeline returns None (every token valid), so every cache file holds the same keys. Cached as FLUX's are
-    (flux.text_cache). True CFG's negative prompt ("") is one more prompt: callers list it. Returns embeds(prompt)."""
+    (flux.text_cache). NEGATIVE ("") is encoded too, for true CFG. Returns embeds(prompt)."""
     def encode(pipe, prompt):
         embeds, mask = pipe.encode_prompt(prompt, device=device, max_sequence_length=max_sequence_length)
         if mask is None:  # the pipeline's "every token valid"; its masks are int64 ones and zeros
             mask = torch.ones(embeds.shape[:2], dtype=torch.long)
         return dict(zip(TEXT_KEYS, (embeds, mask)))
-    return text_cache(model_dir, prompts, max_sequence_length, cache_dir, device, TEXT_KEYS,
+    return text_cache(model_dir, [*prompts, NEGATIVE], max_sequence_length, cache_dir, device, TEXT_KEYS,
                       lambda: QwenImagePipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype),
                       encode)
 
@@ -69,6 +71,12 @@ def latent_noise(resolution, generator, device):
     h = w = resolution // 8
     noise = torch.randn(1, 1, 16, h, w, generator=generator)
     return QwenImagePipeline._pack_latents(noise, 1, 16, h, w).to(device)
+
+
+def condition(embeds, caption, resolution, device):
+    """conditioning of caption with NEGATIVE's for true CFG, from embeds(prompt) (encode_prompts', which encodes
+    NEGATIVE too): what train.py asks every model family for. Whether CFG runs is the guidance passed to velocity."""
+    return conditioning(embeds(caption), resolution, device, negative=embeds(NEGATIVE))
 
 
 def conditioning(embeds, resolution, device, negative=None):
@@ -119,6 +127,19 @@ def encode_image(vae, pixels, generator):
     latents = vae.encode(x).latent_dist.sample(generator=generator).float()
     mean, std = latent_stats(vae, latents.device)
     return QwenImagePipeline._pack_latents((latents - mean) / std, 1, 16, h // 8, w // 8)
+
+
+def blocks(transformer):
+    """The transformer's blocks, each one FSDP2 unit: Qwen-Image has one kind, the double-stream (MMDiT) block."""
+    return list(transformer.transformer_blocks)
+
+
+def frozen(transformer):
+    """The parameters that never get a gradient, frozen by train.py: the last block's text stream after attention
+    (to_add_out, txt_mlp, and their LoRA adapters), whose output the model discards. DDP would wait for their
+    gradients forever; FSDP2 leaves them None. FLUX has none: its last double block's text feeds the single ones."""
+    last = transformer.transformer_blocks[-1]
+    return [p for module in (last.attn.to_add_out, last.txt_mlp) for p in module.parameters()]
 
 
 def transformer_on_meta(model_dir):

@@ -173,3 +173,37 @@ def test_lora_targets_are_every_blocks_attention_and_mlp_linears(tiny):
     transformer.add_adapter(LoraConfig(r=2, target_modules=list(qwen.LORA_TARGETS)))
     wrapped = {name for name, m in transformer.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == linears and len(wrapped) == 12 * transformer.config.num_layers
+
+
+# ---------------------------------------------------------------- train.py on Qwen-Image
+
+def train_qwen(tiny, out, *argv):
+    from test_train import train_here
+    from tiny import tiny_model_paths
+    (out.parent / "prompts.txt").write_text("a red cat\na blue car\na green tree\n")
+    train_here("--model", tiny[0], "--prompts", out.parent / "prompts.txt", "--reward-path", tiny_model_paths()[1],
+               "--resolution", "32", "--batch-size", "2", "--rollout-steps", "2", "--max-sequence-length", MAX_LEN,
+               "--sample-every", "0", "--lr", "1e-3", "--output-dir", out, *argv)
+
+
+def test_train_py_takes_qwen_image_by_its_model_index_fsdp_equals_ddp_and_resume_is_exact(tiny, tmp_path):
+    from diffusers import QwenImageTransformer2DModel
+    from test_train import close_updates, dcp_state
+    path, pipe = tiny
+    train_qwen(tiny, tmp_path / "fsdp", "--steps", "2", "--strategy", "fsdp", "--checkpoint-every", "1")
+    train_qwen(tiny, tmp_path / "ddp", "--steps", "2", "--strategy", "ddp")
+    start = pipe.transformer.state_dict()
+    fsdp, ddp = (dcp_state(tmp_path / name / "checkpoint-2")["model"] for name in ("fsdp", "ddp"))
+    # the last block's text stream after attention gets no gradient (qwen.frozen): not trained, not in state/
+    assert not any(k.startswith("transformer_blocks.1.txt_mlp.") or "blocks.1.attn.to_add_out" in k for k in fsdp)
+    assert set(fsdp) == set(ddp) and sum((fsdp[k] - start[k]).abs().sum() for k in fsdp) > 0.01  # it trained
+    for key in fsdp:  # relative to the update, as test_train's FLUX comparison: sums in other orders
+        assert close_updates(ddp[key], fsdp[key], start[key]), key
+    # 1 step, then --resume for the second: the same bits as 2 steps at once (every draw keyed by seed and step)
+    train_qwen(tiny, tmp_path / "resumed", "--steps", "1", "--strategy", "fsdp")
+    train_qwen(tiny, tmp_path / "resumed", "--steps", "2", "--strategy", "fsdp", "--resume")
+    resumed = dcp_state(tmp_path / "resumed" / "checkpoint-2")["model"]
+    assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
+    # the published weights are a QwenImageTransformer2DModel folder: the trained state rounded to bf16
+    published = QwenImageTransformer2DModel.from_pretrained(tmp_path / "fsdp" / "checkpoint-2").state_dict()
+    assert all(torch.equal(published[k], fsdp[k].to(torch.bfloat16).float()) for k in fsdp)

@@ -33,7 +33,6 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKL, FluxTransformer2DModel
 from PIL import Image
 from safetensors import SafetensorError
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -42,11 +41,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
+import flux
 import judge
-from flux import (LORA_TARGETS, NF4_BYTES, add_lora, autocast, conditioning, decode, encode_image, encode_prompts,
-                  fill_from_checkpoint, latent_noise, num_weights, quantize_nf4, rollout, save_weights,
-                  transformer_on_meta, velocity)
-from inputs import (SEED, SIZE, T5_TOKENS, Parser, check_clip_h, check_flux_folder, check_ranges, fail, load_image,
+import qwen
+from flux import NF4_BYTES, add_lora, autocast, fill_from_checkpoint, num_weights, quantize_nf4, save_weights
+from inputs import (SEED, SIZE, T5_TOKENS, Parser, check_clip_h, check_model_folder, check_ranges, fail, load_image,
                     read_captioned_images, read_prompts, run_command)
 from srpo import BRANCHES, srpo_step
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, load_reward
@@ -195,7 +194,7 @@ def check_inputs(args):
     if args.prompts is not None and args.image_dir is not None:
         fail("--prompts and --image-dir: expected one of them, prompts to roll out or captioned images (offline)")
     if args.model:
-        check_flux_folder(args.model)
+        check_model_folder(args.model)
         if args.prompts is None and args.image_dir is None:
             fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
         if not args.reward_path:
@@ -306,7 +305,7 @@ def loading(model, part):
         fail(f"--model {model}: cannot load its {part}/ ({str(e).splitlines()[0]})")
 
 
-def load_models(args, device, world):
+def load_models(args, family, device, world):
     """The frozen reward and VAE, and the transformer to train, sharded (FSDP2) or replicated (DDP). fp32 master
     weights (METHOD.md §5). FSDP2: built on the meta device, each block one all-gather unit, then the root; each rank
     then fills only its shards from the checkpoint, so no rank ever holds the full model. DDP needs the full copy
@@ -324,20 +323,23 @@ def load_models(args, device, world):
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
     with loading(args.model, "vae"):
-        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=frozen_dtype).to(device).eval() \
+        vae = family.VAE.from_pretrained(args.model, subfolder="vae", dtype=frozen_dtype).to(device).eval() \
             .requires_grad_(False)
     with loading(args.model, "transformer"):
-        transformer = transformer_on_meta(args.model) if args.strategy == "fsdp" else \
-            FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=base_dtype,
+        transformer = family.transformer_on_meta(args.model) if args.strategy == "fsdp" else \
+            family.TRANSFORMER.from_pretrained(args.model, subfolder="transformer", dtype=base_dtype,
                                                    device_map=None if args.quantize_base else str(device))
     if args.quantize_base:
         quantize_nf4(transformer, device, base_dtype)
-    sides = [min(m.in_features, m.out_features) for n, m in transformer.named_modules() if n.endswith(LORA_TARGETS)]
+    sides = [min(m.in_features, m.out_features) for n, m in transformer.named_modules()
+             if n.endswith(family.LORA_TARGETS)]
     if args.lora_rank > min(sides):  # an adapter wider than its layer adds weights and changes nothing more
         fail(f"--lora-rank {args.lora_rank}: expected at most {min(sides)}, the smallest side of this --model's "
              f"adapted layers")
     if args.lora_rank:
-        add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed)
+        add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed, family.LORA_TARGETS)
+    for p in family.frozen(transformer):
+        p.requires_grad_(False)
     transformer.train()
     num_params, largest = num_weights(transformer), max(p.numel() for p in transformer.parameters())  # unsharded
     if args.gradient_checkpointing:  # the VAE's decoder too: its activations at 720x720 are the next largest
@@ -348,7 +350,7 @@ def load_models(args, device, world):
         # torch 2.11 skips that cast when it recomputes a block, and the recomputation then differs.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
             if cuda else MixedPrecisionPolicy()
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        for block in family.blocks(transformer):
             fully_shard(block, mp_policy=mp)
         fully_shard(transformer, mp_policy=mp)
         with loading(args.model, "transformer"):
@@ -359,7 +361,7 @@ def load_models(args, device, world):
     trainable = [p for p in transformer.parameters() if p.requires_grad]  # after fully_shard replaced them
     plan = memory_plan(num_params, world, args.strategy, largest, sum(p.numel() for p in trainable),
                        NF4_BYTES if args.quantize_base else base_dtype.itemsize)
-    return types.SimpleNamespace(transformer=transformer, vae=vae, reward=reward, judge=judge_model,
+    return types.SimpleNamespace(family=family, transformer=transformer, vae=vae, reward=reward, judge=judge_model,
                                  trainable=trainable, plan=plan, num_params=num_params)
 
 
@@ -477,14 +479,15 @@ def main(argv=None):
         tiny_flux, tiny_clip = tiny_model_paths()
         say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
         args.model, args.reward_path = tiny_flux, args.reward_path or tiny_clip
+    family = {"flux": flux, "qwen": qwen}[check_model_folder(args.model)]  # the model's plumbing: flux.py or qwen.py
     # the text embeddings first: T5-XXL (9.5 GB) and CLIP-L are freed before the transformer loads
     captions, image_paths, held = held_out_prompts(args, captions, image_paths, say)
     index, mine, used = prompt_schedule(args, captions, rank, world)
     sample_caption = captions[rank % len(captions)]
-    embeds = encode_prompts(args.model, [captions[i] for i in used] + [sample_caption] + held, args.max_sequence_length,
-                            os.path.join(args.output_dir, "text_cache"), device,
-                            torch.bfloat16 if device.type == "cuda" else torch.float32)
-    m = load_models(args, device, world)
+    embeds = family.encode_prompts(args.model, [captions[i] for i in used] + [sample_caption] + held,
+                                   args.max_sequence_length, os.path.join(args.output_dir, "text_cache"), device,
+                                   torch.bfloat16 if device.type == "cuda" else torch.float32)
+    m = load_models(args, family, device, world)
     say(f"transformer: {m.num_params / 1e6:.1f}M parameters, {sum(p.numel() for p in m.trainable) / 1e6:.1f}M "
         f"trained; per rank under {args.strategy} x {world}: " +
         ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in m.plan.items()))
@@ -507,8 +510,8 @@ def main(argv=None):
             write_row(args.output_dir, evals[-1])
 
     sample = lambda step: save_samples(  # noqa: E731
-        m, conditioning(embeds(sample_caption), args.resolution, device), sample_caption,
-        latent_noise(args.resolution, rng(args.seed, "sample", rank), device),
+        m, family.condition(embeds, sample_caption, args.resolution, device), sample_caption,
+        family.latent_noise(args.resolution, rng(args.seed, "sample", rank), device),
         os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), args, rank, world)
     if args.sample_every and start == 0:
         sample(0)
@@ -531,7 +534,7 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
     """Steps start+1 .. --steps: each rank's prompts, srpo_step on each, then one clipped AdamW step; metrics,
     checkpoints, samples and the judge's evaluations (evaluate, appended to evals) as the flags ask; the hacking
     alarm. Returns the last checkpoint's path."""
-    world, master, cuda = dist.get_world_size(), rank == 0, device.type == "cuda"
+    world, master, cuda, f = dist.get_world_size(), rank == 0, device.type == "cuda", m.family
     say = lambda text: master and tqdm.write(text)  # noqa: E731
     last = os.path.join(args.output_dir, f"checkpoint-{start}") if start else "none"
 
@@ -546,26 +549,26 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="srpo", disable=not master)
     for step in bar:
         t0 = time.time()
-        noise = latent_noise(args.resolution, rng(args.seed, "noise", step), device)  # one noise for the whole batch
+        noise = f.latent_noise(args.resolution, rng(args.seed, "noise", step), device)  # one for the whole batch
         sums, seconds = Counter(), Counter()
         for j, b in enumerate(mine):  # accumulate this rank's prompts; the gradient is the batch's mean
             if len(mine) > 1:
                 bar.set_postfix_str(f"prompt {j + 1}/{len(mine)}")
             caption = captions[index(step, b)]
-            cond = conditioning(embeds(caption), args.resolution, device)
+            cond = f.condition(embeds, caption, args.resolution, device)
             with timer(seconds, "rollout", cuda):
                 if image_paths:  # offline: a real image, with the step's noise
-                    x0 = encode_image(m.vae, load_image(image_paths[index(step, b)], args.resolution),
+                    x0 = f.encode_image(m.vae, load_image(image_paths[index(step, b)], args.resolution),
                                       rng(args.seed, "vae", step, b))
                 else:  # online: the current model's own sample from that noise
-                    x0 = rollout(m.transformer, noise, cond, args.rollout_steps, args.shift, args.rollout_guidance,
+                    x0 = f.rollout(m.transformer, noise, cond, args.rollout_steps, args.shift, args.rollout_guidance,
                                  progress=master and cuda)
             # DDP reduces once, at the last prompt's backward; FSDP2 reduce-scatters every backward into
             # sharded gradients (an unsharded copy of FLUX's gradients would not fit)
             sync = args.strategy == "fsdp" or j == len(mine) - 1
             with timer(seconds, "branches", cuda), (nullcontext() if sync else m.transformer.no_sync()):
-                sums.update(srpo_step(lambda x, s: velocity(m.transformer, x, s, cond, args.guidance),
-                                      lambda x: decode(m.vae, x, args.resolution), m.reward, x0, noise, caption, step,
+                sums.update(srpo_step(lambda x, s: f.velocity(m.transformer, x, s, cond, args.guidance),
+                                      lambda x: f.decode(m.vae, x, args.resolution), m.reward, x0, noise, caption, step,
                                       rng(args.seed, "t", step, b), **step_settings(args), loss_scale=1 / len(mine),
                                       autocast=lambda: autocast(device)))
         grad_norm = torch.nn.utils.clip_grad_norm_(m.trainable, args.max_grad_norm)
@@ -653,9 +656,10 @@ def evaluate_held_out(step, args, m, embeds, held, rank, world, device):
     """judge.py's fields of metrics.jsonl at step: the held-out prompts rendered from their fixed noises (the
     samples' settings), scored by the judge and by the training reward's relative part; the images saved on rank 0."""
     t0 = time.time()
-    render = lambda i: decode(m.vae, rollout(  # noqa: E731
-        m.transformer, latent_noise(args.resolution, rng(args.seed, "eval", i), device),
-        conditioning(embeds(held[i]), args.resolution, device), args.rollout_steps, args.shift, args.guidance),
+    f = m.family
+    render = lambda i: f.decode(m.vae, f.rollout(  # noqa: E731
+        m.transformer, f.latent_noise(args.resolution, rng(args.seed, "eval", i), device),
+        f.condition(embeds, held[i], args.resolution, device), args.rollout_steps, args.shift, args.guidance),
         args.resolution)[0]
     scorers = {"judge": lambda images, prompt: m.judge.score(images.to(m.judge.model.device), [prompt]),
                "reward": judge.relative_score(m.reward, args.pos_words, args.neg_words)}
@@ -668,8 +672,8 @@ def evaluate_held_out(step, args, m, embeds, held, rank, world, device):
 def save_samples(m, cond, caption, noise, path, args, rank, world):
     """Every rank renders its own fixed prompt from its own fixed noise; rank 0 saves the grid."""
     with torch.no_grad():
-        image = decode(m.vae, rollout(m.transformer, noise, cond, args.rollout_steps, args.shift, args.guidance),
-                       args.resolution)
+        image = m.family.decode(m.vae, m.family.rollout(m.transformer, noise, cond, args.rollout_steps, args.shift,
+                                                        args.guidance), args.resolution)
     images = [torch.empty_like(image) for _ in range(world)]
     dist.all_gather(images, image)
     captions = [None] * world
