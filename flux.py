@@ -106,6 +106,15 @@ def latent_noise(resolution, generator, device):
     return FluxPipeline._pack_latents(noise, 1, 16, h, w).to(device)
 
 
+SAMPLE_GUIDANCE = 3.5  # sample.py's default guidance_scale: the release's, FLUX.1-dev's embedded guidance
+
+
+def sample_args(height, width, num_inference_steps, guidance_scale, max_sequence_length):
+    """FluxPipeline's arguments for sample.py's settings: guidance_scale is the guidance FLUX.1-dev embeds."""
+    return dict(height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                max_sequence_length=max_sequence_length)
+
+
 def condition(embeds, caption, resolution, device):
     """conditioning of caption, from embeds(prompt) (encode_prompts'): what train.py asks every model family for."""
     return conditioning(embeds(caption), resolution, device)

@@ -73,6 +73,15 @@ def latent_noise(resolution, generator, device):
     return QwenImagePipeline._pack_latents(noise, 1, 16, h, w).to(device)
 
 
+SAMPLE_GUIDANCE = 4.0  # sample.py's default: QwenImagePipeline's true_cfg_scale, the release's CFG
+
+
+def sample_args(height, width, num_inference_steps, guidance_scale, max_sequence_length):
+    """QwenImagePipeline's arguments for sample.py's settings: guidance_scale is the true-CFG scale, on NEGATIVE."""
+    return dict(height=height, width=width, num_inference_steps=num_inference_steps, true_cfg_scale=guidance_scale,
+                negative_prompt=NEGATIVE, max_sequence_length=max_sequence_length)
+
+
 def condition(embeds, caption, resolution, device):
     """conditioning of caption with NEGATIVE's for true CFG, from embeds(prompt) (encode_prompts', which encodes
     NEGATIVE too): what train.py asks every model family for. Whether CFG runs is the guidance passed to velocity."""

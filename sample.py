@@ -22,7 +22,6 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # notes at import wit
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 import torch
 import torch.distributed as dist
-from diffusers import FluxPipeline
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors import SafetensorError, safe_open
@@ -30,8 +29,10 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import checkpoint
+import flux
+import qwen
 from flux import quantize_nf4
-from inputs import SEED, SIZE, T5_TOKENS, Parser, check_ranges, fail, read_prompts, run_command
+from inputs import SEED, SIZE, T5_TOKENS, Parser, check_model_folder, check_ranges, fail, read_prompts, run_command
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release write
 LORA_NAME = "pytorch_lora_weights.safetensors"         # what train.py --lora-rank writes (diffusers' LoRA format)
@@ -47,13 +48,15 @@ TINY = dict(height=64, width=64, num_inference_steps=8)          # without --mod
 RANGES = [("height", *SIZE), ("width", *SIZE),
           ("num_inference_steps", lambda v: 1 <= v <= 1000,
            "1 to 1000 Euler steps (the scheduler's 1000 training timesteps; the release samples with 50)"),
-          ("guidance_scale", lambda v: 0 <= v <= 100, "a FLUX guidance from 0 to 100"),  # nan fails too
+          ("guidance_scale", lambda v: 0 <= v <= 100, "a guidance (FLUX) or true-CFG scale (Qwen-Image) from 0 to "
+                                                       "100"),  # nan fails too
           ("max_sequence_length", *T5_TOKENS), ("seed", *SEED)]
 
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("--model", help="FluxPipeline folder or hub id (default: the tiny random pipeline of tiny.py)")
+    p.add_argument("--model", help="a FluxPipeline or QwenImagePipeline folder, or a FLUX hub id (default: the tiny "
+                                   "random FLUX pipeline of tiny.py)")
     p.add_argument("--weights", help=f"SRPO transformer: {WEIGHTS_NAME}, or a folder holding it")
     p.add_argument("--lora", help=f"SRPO LoRA: {LORA_NAME}, or a folder holding it")
     p.add_argument("--quantize-base", choices=("nf4",), help="the transformer in 4 bits, as train.py --quantize-base "
@@ -64,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="out/samples", help="default: out/samples")
     p.add_argument("--compare", action="store_true", help="base and SRPO, same seeds: DIR/base, DIR/srpo, compare.png")
     # The release's inference settings (METHOD.md §5), named after FluxPipeline's arguments.
-    p.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX guidance, default 3.5")
+    p.add_argument("--guidance-scale", type=float, help=f"FLUX's guidance, default {flux.SAMPLE_GUIDANCE}; "
+                                                         f"Qwen-Image's true-CFG scale, default {qwen.SAMPLE_GUIDANCE}")
     p.add_argument("--num-inference-steps", type=int,
                    help=f"default {RELEASE['num_inference_steps']} ({TINY['num_inference_steps']} tiny)")
     p.add_argument("--height", type=int, help=f"a multiple of 16, default {RELEASE['height']} ({TINY['height']} tiny)")
@@ -136,7 +140,7 @@ def check_lora(path, transformer):
     return path
 
 
-def render(pipe, records, out_dir, rank, world_size):
+def render(pipe, sample_args, records, out_dir, rank, world_size):
     """Make this rank's share of the images (i = rank, rank + world_size, ...) not on disk yet, each with its record
     as PNG text; returns (rendered, skipped). Every rank first checks every image already there against its
     record: the same answer on all ranks, so a mismatch stops them all with one line."""
@@ -160,7 +164,7 @@ def render(pipe, records, out_dir, rank, world_size):
     for r in tqdm(todo, desc=out_dir, disable=rank != 0):
         # a CPU generator: the same noise whatever the device (diffusers draws it on the CPU, then moves it)
         generator = torch.Generator().manual_seed(r["seed"])
-        image = pipe(r["prompt"], generator=generator, **{k: r[k] for k in PIPE_ARGS}).images[0]
+        image = pipe(r["prompt"], generator=generator, **sample_args(**{k: r[k] for k in PIPE_ARGS})).images[0]
         info = PngInfo()
         for key, value in r.items():
             info.add_text(key, str(value))
@@ -184,6 +188,9 @@ def grid(paths, cols, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    family = {"flux": flux, "qwen": qwen}[check_model_folder(args.model)] if args.model and \
+        os.path.isdir(args.model) else flux  # the pipeline folder's family; a hub id is FLUX's
+    args.guidance_scale = family.SAMPLE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     check_ranges(args, RANGES)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     if args.compare and not (args.weights or args.lora):
@@ -207,9 +214,9 @@ def main(argv=None):
         dist.init_process_group("nccl" if cuda else "gloo")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:  # quantized: loaded on the CPU, the transformer quantized onto the device a layer at a time
-        pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype)
+        pipe = family.PIPELINE.from_pretrained(args.model, dtype=dtype)
     except (OSError, ValueError) as e:
-        fail(f"--model {args.model}: cannot load a FluxPipeline ({str(e).splitlines()[0]})")
+        fail(f"--model {args.model}: cannot load a {family.PIPELINE.__name__} ({str(e).splitlines()[0]})")
     if args.quantize_base:
         quantize_nf4(pipe.transformer, device, dtype)
     pipe.to(device)
@@ -232,7 +239,7 @@ def main(argv=None):
             made_by["quantize_base"] = args.quantize_base
         records = [dict(file=f"{i:05d}.png", prompt=p, seed=args.seed + i, **{k: getattr(args, k) for k in PIPE_ARGS},
                         model=args.model, **made_by) for i, p in enumerate(prompts)]
-        counts = torch.tensor(render(pipe, records, out_dir, rank, world_size), device=device)
+        counts = torch.tensor(render(pipe, family.sample_args, records, out_dir, rank, world_size), device=device)
         if world_size > 1:
             dist.all_reduce(counts)  # also waits until every rank has written its images
         if rank == 0:

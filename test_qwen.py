@@ -207,3 +207,22 @@ def test_train_py_takes_qwen_image_by_its_model_index_fsdp_equals_ddp_and_resume
     # the published weights are a QwenImageTransformer2DModel folder: the trained state rounded to bf16
     published = QwenImageTransformer2DModel.from_pretrained(tmp_path / "fsdp" / "checkpoint-2").state_dict()
     assert all(torch.equal(published[k], fsdp[k].to(torch.bfloat16).float()) for k in fsdp)
+
+
+def test_sample_py_on_qwen_image_is_the_pipelines_own_images_with_true_cfg(tiny, tmp_path):
+    import sample
+    path, pipe = tiny
+    prompts = ["a red cat", "a blue car"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    sample.main(["--model", path, "--prompts", str(tmp_path / "p.txt"), "--output-dir", str(tmp_path / "out"),
+                 "--height", "32", "--width", "32", "--num-inference-steps", "3",
+                 "--max-sequence-length", str(MAX_LEN)])
+    for i, prompt in enumerate(prompts):  # the pipeline as a user calls it: true CFG 4 on "", image i seeded 0 + i
+        expected = pipe(prompt, negative_prompt="", true_cfg_scale=4.0, height=32, width=32, num_inference_steps=3,
+                        max_sequence_length=MAX_LEN, generator=torch.Generator().manual_seed(i)).images[0]
+        got = Image.open(tmp_path / "out" / f"{i:05d}.png")
+        assert got.text["guidance_scale"] == "4.0"
+        assert np.array_equal(np.asarray(got), np.asarray(expected)), prompt  # the same computation: exact
+    without_cfg = pipe(prompts[0], height=32, width=32, num_inference_steps=3, max_sequence_length=MAX_LEN,
+                       generator=torch.Generator().manual_seed(0)).images[0]
+    assert not np.array_equal(np.asarray(without_cfg), np.asarray(Image.open(tmp_path / "out" / "00000.png")))

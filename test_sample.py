@@ -402,7 +402,8 @@ def test_sample_bad_inputs_give_one_line_errors(tiny, samples, weights, prompts_
     assert error("--prompt", "a cat", "--compare", *out).startswith("--compare: needs --weights")
     assert error("--prompt", "a", "--weights", str(weights), "--quantize-base", "nf4", *out).startswith(
         "--weights and --quantize-base nf4: expected --lora")
-    assert error("--prompt", "a cat", "--model", str(tmp_path), *out).startswith(f"--model {tmp_path}: cannot load")
+    assert error("--prompt", "a cat", "--model", str(tmp_path), *out) == \
+        f"--model {tmp_path}: not a diffusers pipeline folder (no model_index.json)"
     assert error("--prompt", "a cat", "--height", "40", *out).startswith("--height 40: expected a multiple of 16")
     assert error("--prompt", "a", "--weights", str(tmp_path), *out) == (
         f"--weights {tmp_path}/{sample.WEIGHTS_NAME}: not found (expected {sample.WEIGHTS_NAME} or a folder "
