@@ -217,8 +217,8 @@ def blocks(transformer):
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
 
-def frozen(transformer):
-    """The parameters that never get a gradient (qwen.frozen's): none in FLUX, where every block's output is used."""
+def unused(transformer):
+    """The modules whose weights never get a gradient (qwen.unused's): none in FLUX, where every output is used."""
     return []
 
 
@@ -248,13 +248,14 @@ def initial_lora(name, shape, seed):
 
 
 @torch.no_grad()
-def add_lora(transformer, rank, alpha, base_dtype, seed, targets=None):
-    """peft LoRA adapters of `rank` on targets (default LORA_TARGETS), scaled by alpha / rank (diffusers'
-    add_adapter). The base is frozen in base_dtype (never updated: bf16 on a GPU); the adapters are fp32 and start
-    from initial_lora (small updates at these learning rates vanish in bf16, METHOD.md §7). On the meta device only
-    the dtypes are set: fill_from_checkpoint gives the values."""
+def add_lora(transformer, rank, alpha, base_dtype, seed, targets=None, exclude=()):
+    """peft LoRA adapters of `rank` on targets (default LORA_TARGETS) but the modules named in exclude, scaled by
+    alpha / rank (diffusers' add_adapter). The base is frozen in base_dtype (never updated: bf16 on a GPU); the
+    adapters are fp32 and start from initial_lora (small updates at these learning rates vanish in bf16, METHOD.md
+    §7). On the meta device only the dtypes are set: fill_from_checkpoint gives the values."""
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=list(targets or LORA_TARGETS)))
+                                       target_modules=list(targets or LORA_TARGETS),
+                                       exclude_modules=list(exclude) or None))
     for name, p in transformer.named_parameters():
         if not p.is_floating_point():  # a 4-bit base's packed weights (quantize_nf4) stay as they are
             continue
@@ -301,19 +302,24 @@ def num_weights(model):
                for p in model.parameters())
 
 
-def save_weights(transformer, folder, rank):
+def save_weights(transformer, folder, rank, pipeline=FluxPipeline):
     """The published weights of a checkpoint (train.py), written by rank 0, every rank gathering. Every weight trained:
     the full transformer in diffusers naming (what FluxPipeline's transformer loads) and its config, in bf16 (half
     the release's fp32 file; FLUX.1-dev runs in bf16; the exact fp32 weights stay in state/). LoRA:
     pytorch_lora_weights.safetensors in diffusers' format, with its rank and alpha, what
-    FluxPipeline.load_lora_weights takes."""
+    FluxPipeline.load_lora_weights takes (pipeline: the model family's, whose save_lora_weights names the file's
+    keys)."""
     model = getattr(transformer, "module", transformer)
     lora = getattr(model, "peft_config", None)
     full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                      ignore_frozen_params=bool(lora)))
     if rank == 0 and lora:
-        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model, full),
-                                       transformer_lora_adapter_metadata=lora["default"].to_dict())
+        layers = get_peft_model_state_dict(model, full)
+        # the config names the adapted layers themselves, so a loader finds what it names (with exclude_modules, it
+        # would warn that nothing was excluded; with the suffixes alone, that some targets have no weights)
+        config = {**lora["default"].to_dict(), "exclude_modules": None,
+                  "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in layers})}
+        pipeline.save_lora_weights(folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
     elif rank == 0:
         save_file({k: v.to(torch.bfloat16).contiguous() for k, v in full.items()},
                   os.path.join(folder, "diffusion_pytorch_model.safetensors"))

@@ -143,12 +143,13 @@ def blocks(transformer):
     return list(transformer.transformer_blocks)
 
 
-def frozen(transformer):
-    """The parameters that never get a gradient, frozen by train.py: the last block's text stream after attention
-    (to_add_out, txt_mlp, and their LoRA adapters), whose output the model discards. DDP would wait for their
-    gradients forever; FSDP2 leaves them None. FLUX has none: its last double block's text feeds the single ones."""
-    last = transformer.transformer_blocks[-1]
-    return [p for module in (last.attn.to_add_out, last.txt_mlp) for p in module.parameters()]
+def unused(transformer):
+    """The modules whose output the model discards, so their weights never get a gradient: the last block's text
+    stream after attention (to_add_out, txt_mlp). train.py freezes them and puts no LoRA adapter there (DDP would
+    wait for their gradients forever; FSDP2 leaves them None). FLUX has none: its last double block's text feeds
+    the single-stream blocks."""
+    last = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}"
+    return [f"{last}.attn.to_add_out", f"{last}.txt_mlp.net.0.proj", f"{last}.txt_mlp.net.2"]
 
 
 def transformer_on_meta(model_dir):

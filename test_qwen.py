@@ -226,3 +226,31 @@ def test_sample_py_on_qwen_image_is_the_pipelines_own_images_with_true_cfg(tiny,
     without_cfg = pipe(prompts[0], height=32, width=32, num_inference_steps=3, max_sequence_length=MAX_LEN,
                        generator=torch.Generator().manual_seed(0)).images[0]
     assert not np.array_equal(np.asarray(without_cfg), np.asarray(Image.open(tmp_path / "out" / "00000.png")))
+
+
+def test_a_lora_trained_on_qwen_image_loads_with_load_lora_weights_and_equals_a_hand_merge(tiny, tmp_path):
+    from diffusers import QwenImagePipeline
+    from safetensors.torch import load_file
+    path = tiny[0]
+    train_qwen(tiny, tmp_path / "lora", "--steps", "2", "--lora-rank", "4", "--lora-alpha", "8")
+    file = tmp_path / "lora" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    render = lambda pipe: pipe("a red cat", height=32, width=32, num_inference_steps=2,  # noqa: E731
+                               max_sequence_length=MAX_LEN, generator=torch.Generator().manual_seed(0),
+                               output_type="np").images[0]
+    base_image = render(QwenImagePipeline.from_pretrained(path))
+    loaded = QwenImagePipeline.from_pretrained(path)
+    loaded.load_lora_weights(str(file))
+    merged = QwenImagePipeline.from_pretrained(path)  # by hand: W + (alpha / rank) B @ A, from the file alone
+    lora, weights = load_file(file), merged.transformer.state_dict()
+    layers = {k[len("transformer."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+    assert {layer.split(".", 2)[2] for layer in layers} == set(qwen.LORA_TARGETS)  # every target, in some block
+    with torch.no_grad():
+        for layer in layers:
+            weights[f"{layer}.weight"] += 8 / 4 * lora[f"transformer.{layer}.lora_B.weight"] @ \
+                lora[f"transformer.{layer}.lora_A.weight"]
+    merged.transformer.load_state_dict(weights)
+    lora_image, merged_image = render(loaded), render(merged)
+    # as test_train's FLUX LoRA: one model two ways, fp32 rounding only (1e-4 of the pixels' size); the LoRA's own
+    # effect must be 100x that difference
+    assert abs(lora_image - merged_image).max() < 1e-4 * abs(merged_image).max()
+    assert abs(lora_image - base_image).max() > 100 * abs(lora_image - merged_image).max() + 1e-6

@@ -336,10 +336,11 @@ def load_models(args, family, device, world):
     if args.lora_rank > min(sides):  # an adapter wider than its layer adds weights and changes nothing more
         fail(f"--lora-rank {args.lora_rank}: expected at most {min(sides)}, the smallest side of this --model's "
              f"adapted layers")
+    unused = family.unused(transformer)  # outputs the model discards: no gradient ever, so frozen and no adapters
     if args.lora_rank:
-        add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed, family.LORA_TARGETS)
-    for p in family.frozen(transformer):
-        p.requires_grad_(False)
+        add_lora(transformer, args.lora_rank, args.lora_alpha, base_dtype, args.seed, family.LORA_TARGETS, unused)
+    for name in unused:
+        transformer.get_submodule(name).requires_grad_(False)
     transformer.train()
     num_params, largest = num_weights(transformer), max(p.numel() for p in transformer.parameters())  # unsharded
     if args.gradient_checkpointing:  # the VAE's decoder too: its activations at 720x720 are the next largest
@@ -542,7 +543,7 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
         bar.close()
         fail(f"{what}; last good checkpoint: {last}")
     def publish(folder):  # the weights for others to load, and the flags that trained them
-        save_weights(m.transformer, folder, rank)
+        save_weights(m.transformer, folder, rank, m.family.PIPELINE)
         if master:
             with open(os.path.join(folder, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2)
