@@ -519,8 +519,8 @@ def main(argv=None):
     last = train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample,
                       evaluate if args.judge else None, evals, rank, device)
     weights = "pytorch_lora_weights" if args.lora_rank else "diffusion_pytorch_model"
-    say(f"done: weights {last}/{weights}.safetensors, metrics "
-        f"{args.output_dir}/metrics.jsonl and metrics.png, samples {args.output_dir}/samples/")
+    say(f"done: weights {last}/{weights}.safetensors, metrics {args.output_dir}/metrics.jsonl and metrics.png"
+        + (f", samples {args.output_dir}/samples/" if args.sample_every else ""))
     if args.judge:
         say(f"best by the judge ({args.judge}): {best_checkpoint(args.output_dir, evals)}; its curves in "
             f"metrics.png, the held-out images of every evaluation in {args.output_dir}/eval/strips.png")
