@@ -54,13 +54,14 @@ def run_command(main, after_stop):
     with os._exit, skipping the interpreter's teardown: there, a rank's gloo threads can be destroyed while still
     joinable and abort the process ("terminate called without an active exception") after its work was done.
     Ctrl-C (SIGINT, which torchrun passes on to every rank), SIGTERM (a scheduler's preemption; torchrun's, once
-    another rank has ended) and the launcher's death (the kernel's SIGUSR2 to a rank of torchrun) end the process at
-    once, also by os._exit, as a kill would, so no rank waits in a collective for one already gone: one line from
-    rank 0 saying which, then after_stop; exit code 128 + the signal. A rank whose peer has ended mid-collective says
-    so in one line."""
+    another rank has ended), SIGHUP (a closed terminal) and the launcher's death (the kernel's SIGUSR2 to a rank of
+    torchrun) end the process at once, also by os._exit, as a kill would, so no rank waits in a collective for one
+    already gone: one line from rank 0 saying which, then after_stop; exit code 128 + the signal. A rank whose peer
+    has ended mid-collective says so in one line."""
     rank = int(os.environ.get("RANK", 0))
     stops = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGUSR2: "the launcher (torchrun) is gone",
-             signal.SIGTERM: "stopped by SIGTERM (a scheduler, a kill, or torchrun as a rank ended)"}
+             signal.SIGTERM: "stopped by SIGTERM (a scheduler, a kill, or torchrun as a rank ended)",
+             signal.SIGHUP: "stopped by SIGHUP (the terminal closed; torchrun passes it on)"}
 
     def stop(signum, frame):
         if rank == 0:
@@ -71,6 +72,8 @@ def run_command(main, after_stop):
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # unless it was ignored when the process began
         signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # under nohup it stays ignored
+        signal.signal(signal.SIGHUP, stop)
     if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform == "linux":  # a rank ends with its launcher: the kernel
         signal.signal(signal.SIGUSR2, stop)                              # sends it SIGUSR2 once torchrun is gone
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR2)  # PR_SET_PDEATHSIG
@@ -87,7 +90,7 @@ def run_command(main, after_stop):
             if not (dist.is_initialized() and ("gloo" in str(e) or "NCCL" in str(e))):
                 raise
             lost = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0]).split(". This is")[0]
-            os.write(2, f"error: rank {rank}: lost another rank ({lost}); {after_stop}\n".encode())
+            os.write(2, f"\nerror: rank {rank}: lost another rank ({lost}); {after_stop}\n".encode())  # below a bar
             code = 1  # no teardown of a process group whose peer is gone: it can wait for it
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)  # sys.exit(): 0

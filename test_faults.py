@@ -201,6 +201,9 @@ def test_kill_9_mid_step_and_mid_save_sigterm_and_ctrl_c_then_resume_ends_bit_id
     output = interrupt(out, "step:5:0", signal.SIGKILL, "torchrun", resume=True)
     assert one_error(output) == f"the launcher (torchrun) is gone; {AFTER}"
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    # and SIGHUP to torchrun (its terminal closed), which it passes on to its ranks: one line, not torchrun's alone
+    output = interrupt(out, "step:5:0", signal.SIGHUP, "torchrun", resume=True)
+    assert one_error(output) == f"stopped by SIGHUP (the terminal closed; torchrun passes it on); {AFTER}"
     # --resume from checkpoint-4, and Ctrl-C (SIGINT to torchrun, which passes it on) inside the save of checkpoint-6,
     # with rank 1 paused there and rank 0 waiting for it in a collective: one line, and no checkpoint-6
     output = interrupt(out, "save:6:1", signal.SIGINT, "torchrun", resume=True)
