@@ -476,8 +476,9 @@ def test_damaged_model_and_reward_files_and_conflicting_flags_are_one_line(tmp_p
     assert error("--model", model, *real).startswith(f"--model {model}: cannot load its vae/ (")
     for index in ("{not json", "[1]", "{}"):
         (model / "model_index.json").write_text(index)
-        assert error("--model", model, *real) == f"--model {model}: model_index.json does not name a FLUX pipeline " \
-                                                 f"(expected _class_name FluxPipeline)"
+        assert error("--model", model, *real) == f"--model {model}: model_index.json names neither a FLUX nor a " \
+                                                 f"Qwen-Image pipeline (expected _class_name FluxPipeline or " \
+                                                 f"QwenImagePipeline)"
     torch.save({"state_dict": {}}, tmp_path / "hps.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "hps.pt").read_bytes()[:300])
     assert error("--reward-path", tmp_path / "cut.pt", "--clip-h", clip) == \
@@ -624,7 +625,8 @@ def test_bad_input_to_sample_py_and_evaluate_py_is_one_line_before_anything_load
     assert error("--num-inference-steps", "0").startswith("--num-inference-steps 0: expected 1 to 1000 Euler steps")
     assert error("--max-sequence-length", "0") == \
         "--max-sequence-length 0: expected 1 to 512 T5 tokens (FluxPipeline's limit)"
-    assert error("--guidance-scale", "nan") == "--guidance-scale nan: expected a FLUX guidance from 0 to 100"
+    assert error("--guidance-scale", "nan") == "--guidance-scale nan: expected a guidance (FLUX) or true-CFG scale " \
+                                               "(Qwen-Image) from 0 to 100"
     assert error("--seed", "-1").startswith("--seed -1: expected 0 to 2**63 - 1")
     (tmp_path / "prompts.txt").write_bytes(b"a cat\n\xff\n")
     assert in_process_error(sample.main, ["--prompts", tmp_path / "prompts.txt", "--output-dir", out], capsys) == (

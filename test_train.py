@@ -518,7 +518,7 @@ def test_bad_inputs_end_with_one_line(tmp_path, capsys):
     assert "not a diffusers pipeline folder" in error("--model", str(tmp_path / "nope"))
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    assert "does not name a FLUX pipeline" in error("--model", str(tmp_path / "sd"))
+    assert "names neither a FLUX nor a Qwen-Image pipeline" in error("--model", str(tmp_path / "sd"))
     from tiny import tiny_model_paths
     (tmp_path / "p.txt").write_text("a cat\n")
     prompts = str(tmp_path / "p.txt")
