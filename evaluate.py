@@ -18,8 +18,11 @@ sample.py's settings (seed, size, steps, guidance, T5 length):
                 (with replacement, fixed seed) of the d_i: a percentile bootstrap.
 """
 import json
+import logging
 import os
 
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # notes at import with nothing to act on (train.py's)
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 import numpy as np
 import torch
 from PIL import Image

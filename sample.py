@@ -192,6 +192,8 @@ def main(argv=None):
         os.path.isdir(args.model) else flux  # the pipeline folder's family; a hub id is FLUX's
     args.guidance_scale = family.SAMPLE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     check_ranges(args, RANGES)
+    if args.prompt is not None and not args.prompt.strip():  # an unset shell variable: never an image of nothing
+        fail(f"--prompt {args.prompt!r}: expected a prompt that is not blank")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     if args.compare and not (args.weights or args.lora):
         fail("--compare: needs --weights or --lora, the SRPO weights to set beside the base model")

@@ -391,6 +391,7 @@ def test_sample_bad_inputs_give_one_line_errors(tiny, samples, weights, prompts_
     def error(*argv):  # argv after ARGS, so it may override them
         return one_line_error(sample.main, [*ARGS, *argv], capsys)
     out = ["--output-dir", str(tmp_path / "out")]
+    assert error("--prompt", " ", *out) == "--prompt ' ': expected a prompt that is not blank"
     assert error("--prompts", str(tmp_path / "nope.txt"), *out).startswith(
         f"--prompts {tmp_path}/nope.txt: not found")
     (tmp_path / "dict.json").write_text('{"a": "a cat"}')
@@ -473,6 +474,20 @@ def test_evaluate_bad_inputs_give_one_line_errors(tiny, samples, compare, tmp_pa
     assert error(str(tmp_path / "mixed"), "--batch-size", "1") == \
         f"{tmp_path}/mixed: images of different sizes; expected one sample.py run"
     assert error(str(samples), str(samples), str(samples)).startswith("DIR: got 3 folders")
+
+
+def test_evaluate_py_prints_its_table_and_nothing_else_without_torchvision(tiny, samples, tmp_path):
+    """As on a machine with requirements.txt only: no torchvision, bitsandbytes without its optional kernels. Their
+    notes at import (transformers' fallback to PIL, bitsandbytes' missing kernel) have nothing for a user to act on."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.util\nfind = importlib.util.find_spec\nimportlib.util.find_spec = lambda name, *a, **k: "
+        "None if name.split('.')[0] == 'torchvision' else find(name, *a, **k)\n")
+    done = subprocess.run([sys.executable, "evaluate.py", str(samples), "--reward", "clip"], cwd=HERE, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{HERE}"}, timeout=300)
+    notes = [line for line in done.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith("Loading weights")]  # transformers' own progress bar stays
+    assert done.returncode == 0 and notes == [], done.stderr
+    assert done.stdout.splitlines()[1].startswith(f"{samples}  mean")
 
 
 def test_errors_from_the_command_line_are_one_line_without_traceback(tiny, tmp_path):
