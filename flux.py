@@ -106,6 +106,7 @@ def latent_noise(resolution, generator, device):
     return FluxPipeline._pack_latents(noise, 1, 16, h, w).to(device)
 
 
+MAX_TOKENS = 512  # T5's tokens: FluxPipeline refuses more
 SAMPLE_GUIDANCE = 3.5  # sample.py's default guidance_scale: the release's, FLUX.1-dev's embedded guidance
 
 

@@ -116,7 +116,7 @@ def disk_words(message):
 SIZE = (lambda v: 16 <= v <= 4096 and v % 16 == 0,
         "a multiple of 16 from 16 to 4096 (FLUX packs 2x2 patches of the 8x downsampled latent; 4096 px is already "
         "65,536 image tokens)")
-T5_TOKENS = (lambda v: 1 <= v <= 512, "1 to 512 T5 tokens (FluxPipeline's limit)")
+TOKENS = (lambda v: 1 <= v <= 1024, "1 to 1024 text tokens (QwenImagePipeline's limit; FluxPipeline's is 512)")
 SEED = (lambda v: 0 <= v < 2**63, "0 to 2**63 - 1")
 
 
@@ -139,6 +139,12 @@ def check_clip_h(clip_h, reward_paths):
     hps_file = reward_paths.get("hps")
     if clip_h is None and hps_file and os.path.isfile(hps_file):
         fail(f"--reward-path {hps_file}: an HPSv2.1 checkpoint needs --clip-h ({expected})")
+
+
+def check_text_tokens(n, family):
+    """--max-sequence-length n within the limit of the model family's pipeline (its module: flux or qwen)."""
+    if n > family.MAX_TOKENS:
+        fail(f"--max-sequence-length {n}: expected 1 to {family.MAX_TOKENS}, {family.PIPELINE.__name__}'s limit")
 
 
 FAMILIES = {"Flux": "flux", "QwenImage": "qwen"}  # a pipeline class's prefix -> the module with its plumbing

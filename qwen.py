@@ -73,6 +73,7 @@ def latent_noise(resolution, generator, device):
     return QwenImagePipeline._pack_latents(noise, 1, 16, h, w).to(device)
 
 
+MAX_TOKENS = 1024  # QwenImagePipeline refuses more; the release encodes at this length
 SAMPLE_GUIDANCE = 4.0  # sample.py's default: QwenImagePipeline's true_cfg_scale, the release's CFG
 
 

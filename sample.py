@@ -1,4 +1,5 @@
-"""Generate images with SRPO weights: diffusers' FluxPipeline with the release's inference settings, 1-N GPUs.
+"""Generate images with SRPO weights: diffusers' FluxPipeline (or QwenImagePipeline, by the --model folder's
+model_index.json) with the release's inference settings, 1-N GPUs.
 
 CPU, the tiny random pipeline (no download; the settings only make it quick):
     python sample.py --prompt "a cat on a red chair"
@@ -9,7 +10,7 @@ One GPU, FLUX.1-dev with the SRPO transformer (a file train.py wrote, or the rel
     torchrun --nproc_per_node=8 sample.py --model black-forest-labs/FLUX.1-dev --weights srpo/ \
         --prompts prompts.txt --output-dir out/compare --compare
 
-Image i of the prompt list is made by FluxPipeline with a CPU torch.Generator seeded with seed + i, so it is
+Image i of the prompt list is made by the pipeline with a CPU torch.Generator seeded with seed + i, so it is
 the same whichever rank makes it and however many ranks there are. A rerun skips images already written, so a
 killed job resumes. Each folder gets NNNNN.png (prompt, seed and settings in the PNG text), prompts.jsonl
 (the same, one object per image, written when the folder is complete) and contact_sheet.png.
@@ -32,7 +33,8 @@ import checkpoint
 import flux
 import qwen
 from flux import quantize_nf4
-from inputs import SEED, SIZE, T5_TOKENS, Parser, check_model_folder, check_ranges, fail, read_prompts, run_command
+from inputs import (SEED, SIZE, TOKENS, Parser, check_model_folder, check_ranges, check_text_tokens, fail, read_prompts,
+                    run_command)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release write
 LORA_NAME = "pytorch_lora_weights.safetensors"         # what train.py --lora-rank writes (diffusers' LoRA format)
@@ -50,7 +52,7 @@ RANGES = [("height", *SIZE), ("width", *SIZE),
            "1 to 1000 Euler steps (the scheduler's 1000 training timesteps; the release samples with 50)"),
           ("guidance_scale", lambda v: 0 <= v <= 100, "a guidance (FLUX) or true-CFG scale (Qwen-Image) from 0 to "
                                                        "100"),  # nan fails too
-          ("max_sequence_length", *T5_TOKENS), ("seed", *SEED)]
+          ("max_sequence_length", *TOKENS), ("seed", *SEED)]
 
 
 def parse_args(argv=None):
@@ -73,7 +75,8 @@ def parse_args(argv=None):
                    help=f"default {RELEASE['num_inference_steps']} ({TINY['num_inference_steps']} tiny)")
     p.add_argument("--height", type=int, help=f"a multiple of 16, default {RELEASE['height']} ({TINY['height']} tiny)")
     p.add_argument("--width", type=int, help=f"a multiple of 16, default {RELEASE['width']} ({TINY['width']} tiny)")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens, default 512")
+    p.add_argument("--max-sequence-length", type=int, default=512,
+                   help="text tokens, default 512 (FLUX's T5: at most 512; Qwen-Image's at most 1024)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; default 0")
     args = p.parse_args(argv)
     for key, value in (RELEASE if args.model is not None else TINY).items():  # tiny random pipeline: seconds an image
@@ -192,6 +195,7 @@ def main(argv=None):
         os.path.isdir(args.model) else flux  # the pipeline folder's family; a hub id is FLUX's
     args.guidance_scale = family.SAMPLE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     check_ranges(args, RANGES)
+    check_text_tokens(args.max_sequence_length, family)
     if args.prompt is not None and not args.prompt.strip():  # an unset shell variable: never an image of nothing
         fail(f"--prompt {args.prompt!r}: expected a prompt that is not blank")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)

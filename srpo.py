@@ -17,28 +17,33 @@ For FLUX, train.py passes flux.velocity with the caption's conditioning and flux
 from contextlib import nullcontext
 
 from direct_align import branch_sigmas, default_gap, direct_align, reward_k, sample_t_star, train_window
-from srpo_reward import NEG_WORDS, POS_WORDS, control_prompts, srpo_loss
+from srpo_reward import NEG_WORDS, POS_WORDS, control_prompts, discounted_loss, srpo_loss
 
 BRANCHES = ("denoise", "inversion")
 
 
-def srpo_step(velocity, decode, reward, x0, noise, caption, step, generator, *, window=(5, 25), shift=3.0, rho=0.9,
-              k_denoise=(0.1, 0.25), k_inversion=(0.3, 0.01), pos_words=POS_WORDS, neg_words=NEG_WORDS,
-              threshold=0.7, branches=BRANCHES, loss_scale=1.0, autocast=nullcontext):
-    """Backpropagate both branches of one sample (METHOD.md §2-§4); the defaults are the release's HPSv2.1 config.
+def srpo_step(velocity, decode, reward, x0, noise, caption, step, generator, *, window=(5, 25), shift=3.0,
+              length=1000, rho=0.9, k_denoise=(0.1, 0.25), k_inversion=(0.3, 0.01), pos_words=POS_WORDS,
+              neg_words=NEG_WORDS, loss="threshold", threshold=0.7, branches=BRANCHES, loss_scale=1.0,
+              autocast=nullcontext):
+    """Backpropagate both branches of one sample (METHOD.md §2-§4); the defaults are the release's FLUX HPSv2.1
+    config. Its Qwen-Image config: window=(5, 40), shift=1, length=100, rho=0.6, k_denoise=(0, 0),
+    neg_words=("Concept art", "Painting", "Anime"), loss="discount", branches=("denoise",).
 
         t*                    ~ U[5, L - 5] from generator         window W = linspace(g[start], g[end], L)
         sigma_from, sigma_to  = branch_sigmas(W, t*, gap(rho))    each branch's m reads its own k schedule
         x0_hat                = direct_align(velocity, x0, noise, sigma_from, sigma_to)
         r                     = reward.srp(decode(x0_hat), pos, neg, k)    pos, neg swapped on the inversion branch
-        loss                  = relu(threshold - r) / len(branches), times loss_scale, backpropagated at once
+        loss                  = relu(threshold - r)      (loss="threshold", the FLUX release's)
+                              or -r * 3u / (1 + 2u)      (loss="discount", the Qwen-Image release's; u = m / L)
+                                / len(branches), times loss_scale, backpropagated at once
 
     x0: the clean latent (the rollout's, from this very noise, or an encoded image); step: the optimizer step
     counted from 0, which picks the control words; reward: an srpo_reward.SRPReward, or anything with its srp;
     loss_scale: 1 / the samples accumulated before the optimizer step; autocast: the context the decode and the
     reward run in (train.py: bf16 autocast on a GPU, METHOD.md §5). Gradients accumulate in the model's .grad.
     Returns the sample's numbers, unscaled: loss, and reward / sigma from, to / k of each branch."""
-    W = train_window(*window, shift=shift)
+    W = train_window(*window, shift=shift, length=length)
     t_star = sample_t_star(len(W), generator)
     sigmas = branch_sigmas(W, t_star, default_gap(rho, len(W)))
     pos, neg = control_prompts(caption, step + 1, pos_words, neg_words)  # the release counts steps from 1
@@ -52,9 +57,10 @@ def srpo_step(velocity, decode, reward, x0, noise, caption, step, generator, *, 
         x0_hat = direct_align(velocity, x0, noise, sigma_from, sigma_to)
         with autocast():
             r = reward.srp(decode(x0_hat), [p], [n], k).float()
-        loss = srpo_loss(r, threshold).mean() / len(branches)
-        (loss * loss_scale).backward()
-        out["loss"] += loss.item()
+        value = srpo_loss(r, threshold) if loss == "threshold" else discounted_loss(r, m, len(W))
+        value = value.mean() / len(branches)
+        (value * loss_scale).backward()
+        out["loss"] += value.item()
         out.update({f"reward_{name}": r.item(), f"sigma_{name}_from": sigma_from, f"sigma_{name}_to": sigma_to,
                     f"k_{name}": k})
     return out

@@ -57,6 +57,13 @@ def srpo_loss(reward, threshold=0.7):
     return F.relu(threshold - reward)
 
 
+def discounted_loss(reward, m, length):
+    """-reward * 3u / (1 + 2u), u = m / length: the release's Qwen-Image loss (METHOD.md §4), no threshold, each draw
+    weighted by how noisy its start is (m, the window index the branch ends at; noisier as m grows)."""
+    u = m / length
+    return -reward * (3 * u / (1 + 2 * u))
+
+
 class SRPReward:
     """A frozen CLIP-style reward. kind picks the scaling of METHOD.md §4:
         hps:        srp = f_img . ((1 + k) f_pos - f_neg)             score = f_img . f_txt

@@ -624,7 +624,8 @@ def test_bad_input_to_sample_py_and_evaluate_py_is_one_line_before_anything_load
     assert error("--width", "-16").startswith("--width -16: expected a multiple of 16 from 16 to 4096")
     assert error("--num-inference-steps", "0").startswith("--num-inference-steps 0: expected 1 to 1000 Euler steps")
     assert error("--max-sequence-length", "0") == \
-        "--max-sequence-length 0: expected 1 to 512 T5 tokens (FluxPipeline's limit)"
+        "--max-sequence-length 0: expected 1 to 1024 text tokens (QwenImagePipeline's limit; FluxPipeline's is 512)"
+    assert error("--max-sequence-length", "513") == "--max-sequence-length 513: expected 1 to 512, FluxPipeline's limit"
     assert error("--guidance-scale", "nan") == "--guidance-scale nan: expected a guidance (FLUX) or true-CFG scale " \
                                                "(Qwen-Image) from 0 to 100"
     assert error("--seed", "-1").startswith("--seed -1: expected 0 to 2**63 - 1")

@@ -175,6 +175,68 @@ def test_lora_targets_are_every_blocks_attention_and_mlp_linears(tiny):
     assert wrapped == linears and len(wrapped) == 12 * transformer.config.num_layers
 
 
+# ---------------------------------------------------------------- the release's Qwen-Image recipe
+
+REALISM = ["Natural-lighting", "Detail", "Detailed", "Real"]   # SRPO_Qwen.py's word lists, as its functions hold
+CG = ["Concept art", "Painting", "Anime"]
+
+
+def release_qwen_draw(transformer, vae, reward, x0, noise, cond, caption, step, m):
+    """One timestep draw of the release's Qwen-Image SRPO_train (fastvideo/SRPO_Qwen.py with its shell's flags),
+    transcribed with its names and in its order: float32 grids at shift 1, the gap k = int((1 - 0.6) * 100) + 1
+    clamped to [m, 100 - m], one denoise step fed int(sigma * 1000) / 1000, no CFG (train_cfg 1), the relative
+    reward (k = 0) weighted by discount[m] = sd3_time_shift(3, u), loss -outputs, its words indexed by its step.
+    The decode is qwen.decode, the pipeline's clamp, where the release min-max normalizes (README says why)."""
+    L = 100
+    sigma_schedule = torch.linspace(1, 0, 51)  # sd3_time_shift(1, ...) is the identity
+    sigmas_l = torch.linspace(sigma_schedule[5], sigma_schedule[40], L)
+    u = torch.linspace(0, 1, L + 1)
+    discount = 3 * u / (1 + 2 * u)
+    k = min(min(L - m, int((1 - 0.6) * L) + 1), m)
+    start = min(m + k, L)
+    t_base, t_start = L - m, L - start
+    sigmas, sigmast = sigmas_l[t_start], sigmas_l[t_base]
+    noisy = sigmas * noise + (1.0 - sigmas) * x0
+    positive = {key: v for key, v in cond.items() if key != "negative"}
+    pred = transformer(hidden_states=noisy, timestep=torch.tensor([int(sigmas * 1000) / 1000]), return_dict=False,
+                       **positive)[0]
+    latents = noisy + (sigmas_l[t_base] - sigmas_l[t_start]) * pred
+    image = qwen.decode(vae, (latents - sigmast * noise) / (1 - sigmast), 32)
+    outputs = reward.srp(image, [f"{REALISM[step % 4]}. {caption}"], [f"{CG[step % 3]}. {caption}"], 0.0)
+    (-(outputs * discount[m])).mean().backward()
+
+
+@pytest.mark.parametrize("m", [5, 41, 50])  # the gap clamped by m, the gap 41 reaching 0.9, and past it
+def test_train_pys_qwen_defaults_give_the_release_qwen_scripts_gradient(tiny, embeds, monkeypatch, m):
+    """train.py's defaults for a Qwen-Image --model, through srpo_step, against the release's rule computed above:
+    which would fail with the FLUX window, gap or loss, a nonzero k, the inversion branch, or CFG in the step."""
+    import srpo
+    import train
+    from diffusers import QwenImageTransformer2DModel
+    from srpo_reward import load_reward
+    from tiny import tiny_model_paths
+    path, pipe = tiny
+    args = train.parse_args(["--model", path, "--resolution", "32"])
+    reward = load_reward(args.reward, tiny_model_paths()[1])
+    new = lambda: QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer")  # noqa: E731
+    ours, release = new(), new()
+    cond = qwen.condition(embeds, "a red cat", 32, CPU)
+    noise = qwen.latent_noise(32, torch.Generator().manual_seed(0), CPU)
+    x0 = qwen.rollout(ours, noise, cond, 3, args.shift, args.rollout_guidance)
+    monkeypatch.setattr(srpo, "sample_t_star", lambda length, generator: m)
+    out = srpo.srpo_step(lambda x, s: qwen.velocity(ours, x, s, cond, args.guidance),
+                         lambda x: qwen.decode(pipe.vae, x, 32), reward, x0, noise, "a red cat", 2, None,
+                         **train.step_settings(args))
+    # our step 2 picks words as the FLUX release counts, from 1: the Qwen script's step 3 (README)
+    release_qwen_draw(release, pipe.vae, reward, x0, noise, cond, "a red cat", 3, m)
+    grads = [(a.grad, b.grad) for a, b in zip(ours.parameters(), release.parameters()) if b.grad is not None]
+    assert grads and all(a.grad is None for a, b in zip(ours.parameters(), release.parameters()) if b.grad is None)
+    # the same math, the release's float32 grids against our float64 ones (sigmas ~1e-8 apart), as test_train's
+    # FLUX comparison; a wrong gap, weight, k or word moves the gradient by more than a percent
+    assert sum((a - b).norm() ** 2 for a, b in grads) ** 0.5 <= 1e-4 * sum(b.norm() ** 2 for _, b in grads) ** 0.5
+    assert set(out) == {"loss", "reward_denoise", "sigma_denoise_from", "sigma_denoise_to", "k_denoise"}
+
+
 # ---------------------------------------------------------------- train.py on Qwen-Image
 
 def train_qwen(tiny, out, *argv):

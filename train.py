@@ -45,8 +45,8 @@ import flux
 import judge
 import qwen
 from flux import NF4_BYTES, add_lora, autocast, fill_from_checkpoint, num_weights, quantize_nf4, save_weights
-from inputs import (SEED, SIZE, T5_TOKENS, Parser, check_clip_h, check_model_folder, check_ranges, fail, load_image,
-                    read_captioned_images, read_prompts, run_command)
+from inputs import (SEED, SIZE, TOKENS, Parser, check_clip_h, check_model_folder, check_ranges, check_text_tokens, fail,
+                    load_image, read_captioned_images, read_prompts, run_command)
 from srpo import BRANCHES, srpo_step
 from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, load_reward
 
@@ -54,26 +54,33 @@ from srpo_reward import KINDS, NEG_WORDS, POS_WORDS, load_reward
 # would skip its backward hook; FLUX makes none, and test_train.py shows FSDP and DDP end at equal weights.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
-# The defaults that depend on another flag, each stated once here (None in argparse); a flag given overrides them.
-# The release's two configs by --reward (METHOD.md §3-§5; --reward clip uses the HPS one), then by what trains, then
-# by the models: a real --model gets the release's size and batch, the tiny CPU models a laptop's.
+# The defaults that depend on the model or on another flag, each stated once here (None in argparse); a flag given
+# overrides them. First the release's recipe for the --model's family (METHOD.md §5's two columns): FLUX's by
+# --reward (PickScore's changes HPSv2.1's; --reward clip uses HPSv2.1's), Qwen-Image's whatever the reward. Then
+# LoRA's lr; then the sizes: a real --model gets the release's size and batch, the tiny CPU models a laptop's.
 RECIPES = {
-    "hps": dict(window_end=25, k_denoise=(0.1, 0.25), k_inversion=(0.3, 0.01), rollout_guidance=1.0),
-    "pickscore": dict(window_end=30, k_denoise=(0.1, 0.5), k_inversion=(0.6, 0.01), rollout_guidance=2.0),
-    "full": dict(lr=5e-6),                                   # every weight trains: the release's lr
+    "flux": dict(reward="hps", rollout_steps=25, shift=3.0, rollout_guidance=1.0, guidance=3.5, window_end=25,
+                 window_length=1000, rho=0.9, k_denoise=(0.1, 0.25), k_inversion=(0.3, 0.01), loss="threshold",
+                 branches="both", neg_words=list(NEG_WORDS), max_sequence_length=512, lr=5e-6, max_grad_norm=0.1,
+                 steps=20),
+    "flux+pickscore": dict(window_end=30, k_denoise=(0.1, 0.5), k_inversion=(0.6, 0.01), rollout_guidance=2.0),
+    "qwen": dict(reward="pickscore", rollout_steps=26, shift=1.0, rollout_guidance=4.0, guidance=1.0, window_end=40,
+                 window_length=100, rho=0.6, k_denoise=(0.0, 0.0), k_inversion=(0.0, 0.0), loss="discount",
+                 branches="denoise", neg_words=["Concept art", "Painting", "Anime"], max_sequence_length=1024,
+                 lr=3e-6, max_grad_norm=50.0, steps=50),
     "lora": dict(lr=1e-4),                                   # --lora-rank: B starts at zero, so a larger lr
     "model": dict(resolution=720, batch_size=32,             # the release's: one prompt on each of 32 GPUs
                   eval_count=16),                            # held-out prompts: under 10% of a run (README)
     "tiny": dict(resolution=64, batch_size=2, eval_count=2),
 }
-RECIPES["clip"] = RECIPES["hps"]
+FAMILIES = {"flux": flux, "qwen": qwen}  # by the --model folder's pipeline (inputs.check_model_folder)
 # Prompts for the CPU run on tiny models, when no --prompts file is given.
 TINY_PROMPTS = ["a red car on a street", "a cat sitting on a chair", "a green tree near a lake",
                 "a portrait of an old man", "a white bird in the sky", "a small house under a dark sky"]
 
 # Valid values, as (test, what is expected), checked before anything loads. The upper bounds keep absurd values
 # from reaching the model (a step count that overflows a tensor size, a batch that never ends).
-GUIDANCE = (lambda v: 0 < v <= 100, "a FLUX guidance above 0, at most 100")
+GUIDANCE = (lambda v: 0 < v <= 100, "a guidance (FLUX) or true-CFG scale (Qwen-Image) above 0, at most 100")
 EVERY = (lambda v: 0 <= v <= 999_999, "0 or a number of steps, at most 999,999 (--steps' limit)")
 K = (lambda v: -1 <= v <= 1, "two numbers from -1 to 1 (the positive prompt's weight 1 + k from 0 to 2; the "
                              "release's k run from 0.01 to 0.6)")
@@ -91,8 +98,9 @@ def parse_args(argv=None):
         if check:
             checks.append((action.dest, *check))
     # models and data
-    a("--model", help="diffusers FLUX pipeline folder (FLUX.1-dev layout); default: tiny random models")
-    a("--reward", default="hps", choices=KINDS, help="reward model kind (METHOD.md §4)")
+    a("--model", help="a diffusers FluxPipeline or QwenImagePipeline folder (FLUX.1-dev's or Qwen-Image's layout): "
+                      "its model_index.json picks the recipe; default: tiny random FLUX models")
+    a("--reward", choices=KINDS, help="reward model kind (METHOD.md §4): " + recipe("reward"))
     a("--reward-path", help="HPS_v2.1_compressed.pt, or a PickScore / CLIP folder; default: a tiny CLIP")
     a("--clip-h", help="laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder: HPS's config and tokenizer")
     a("--prompts", help="online mode: a .txt file, one prompt per line, or a .json list of strings (HPDv2's)")
@@ -100,38 +108,45 @@ def parse_args(argv=None):
       help="shuffled by --seed, or the release's order (its preprocessing's deal of the file to 8 ranks)")
     a("--image-dir", help="offline mode: images with .txt captions beside them replace the rollout")
     a("--pos-words", nargs="+", default=list(POS_WORDS), check=WORDS, help="positive control words (METHOD.md §4)")
-    a("--neg-words", nargs="+", default=list(NEG_WORDS), check=WORDS, help="negative control words (METHOD.md §4)")
+    a("--neg-words", nargs="+", check=WORDS, help="negative control words (METHOD.md §4): " + recipe("neg_words"))
     a("--output-dir", default="out/srpo")
     # the method (METHOD.md §3-§4); None: RECIPES' value
     a("--resolution", type=int, check=SIZE, help="square training size: " + recipe("resolution"))
-    a("--rollout-steps", type=int, default=25, help="Euler steps of the online rollout",
+    a("--rollout-steps", type=int, help="Euler steps of the online rollout: " + recipe("rollout_steps"),
       check=(lambda v: 1 <= v <= 1000, "1 to 1000 Euler steps (the transformer sees the timestep "
                                        "floor(1000 sigma) / 1000: 1001 values in all)"))
     a("--rollout-guidance", type=float, check=GUIDANCE,
-      help="FLUX guidance of the rollout: " + recipe("rollout_guidance"))
-    a("--guidance", type=float, default=3.5, check=GUIDANCE, help="FLUX guidance of the trained step and samples")
-    a("--shift", type=float, default=3.0, check=(lambda v: 0.01 <= v <= 100, "a shift from 0.01 to 100"),
-      help="constant timestep shift of every sigma grid")
+      help="guidance of the rollout (FLUX's embedded guidance; Qwen-Image's true-CFG scale on \"\", 1: none): "
+           + recipe("rollout_guidance"))
+    a("--guidance", type=float, check=GUIDANCE, help="... of the trained step: " + recipe("guidance"))
+    a("--shift", type=float, check=(lambda v: 0.01 <= v <= 100, "a shift from 0.01 to 100"),
+      help="constant timestep shift of every sigma grid: " + recipe("shift"))
     a("--window-start", type=int, default=5, check=(lambda v: 0 <= v < 50, "a step of the 50-step grid, 0 to 49"),
       help="training window starts at g[start] of the 50-step grid")
     a("--window-end", type=int, help="... and ends at g[end]: " + recipe("window_end"),
       check=(lambda v: 0 < v <= 50, "a step of the 50-step grid, 1 to 50, after --window-start"))
-    a("--rho", type=float, default=0.9, check=(lambda v: 0 < v < 1, "a ratio strictly between 0 and 1"),
-      help="groundtruth ratio: branch gap int((1 - rho) * 1000) + 1")
+    a("--window-length", type=int, help="the window's L sigmas, t* drawn from [5, L - 5]: " + recipe("window_length"),
+      check=(lambda v: 10 <= v <= 100_000, "10 to 100,000 sigmas (t* is drawn from [5, L - 5])"))
+    a("--rho", type=float, check=(lambda v: 0 < v < 1, "a ratio strictly between 0 and 1"),
+      help="groundtruth ratio: branch gap int((1 - rho) * L) + 1: " + recipe("rho"))
     a("--k-denoise", type=float, nargs=2, check=K, help="SRP k schedule of the denoise branch: " + recipe("k_denoise"))
     a("--k-inversion", type=float, nargs=2, check=K, help="... of the inversion branch: " + recipe("k_inversion"))
-    a("--threshold", type=float, default=0.7, help="loss = relu(threshold - reward)",
+    a("--loss", choices=("threshold", "discount"), help="relu(threshold - reward), or -reward * 3u / (1 + 2u), u = "
+                                                        "m / L (METHOD.md §4): " + recipe("loss"))
+    a("--threshold", type=float, default=0.7, help="--loss threshold's: relu(threshold - reward)",
       check=(lambda v: -20 <= v <= 20, "-20 to 20 (an SRP reward lies within 15 of 0: at most 3 cosines, times "
                                        "100 / 20 for CLIP and PickScore)"))
-    a("--branches", default="both", choices=("both", "denoise", "inversion"),
-      help="denoise alone shows reward hacking, the release's README suggests, for comparison")
-    a("--max-sequence-length", type=int, default=512, check=T5_TOKENS, help="T5 tokens of the FLUX conditioning")
+    a("--branches", choices=("both", "denoise", "inversion"), help="FLUX's denoise alone shows reward hacking, the "
+      "release's README suggests, for comparison: " + recipe("branches"))
+    a("--max-sequence-length", type=int, check=TOKENS, help="text tokens of the conditioning (FLUX's T5 at most 512): "
+                                                           + recipe("max_sequence_length"))
     # optimization (METHOD.md §5)
     a("--batch-size", type=int, help="prompts per optimizer step over all ranks, accumulated one at a time on each: "
                                      + recipe("batch_size"),
       check=(lambda v: 1 <= v <= 4096, "1 to 4096 prompts (128 times the release's 32; each costs a rollout and "
                                        "two backward passes)"))
-    a("--steps", type=int, default=20, help="optimizer steps (the release's model has 19 updates: --steps 19)",
+    a("--steps", type=int, help="optimizer steps (the FLUX release's model has 19 updates: --steps 19): "
+                                + recipe("steps"),
       check=(lambda v: 1 <= v <= 999_999, "1 to 999,999 optimizer steps (the release takes 20; sample grids are "
                                           "numbered with 6 digits)"))
     a("--lr", type=float, help="AdamW's: " + recipe("lr"),  # AdamW's steps overflow fp32 far above 1
@@ -140,7 +155,7 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, default=1e-4,
       check=(lambda v: 0 <= v <= 1, "0 to 1 (AdamW multiplies the weights by 1 - lr * weight_decay each step)"))
     a("--adam-eps", type=float, default=1e-8, check=(lambda v: v > 0, "a positive epsilon"))
-    a("--max-grad-norm", type=float, default=0.1, check=(lambda v: v > 0, "a positive norm"))
+    a("--max-grad-norm", type=float, check=(lambda v: v > 0, "a positive norm"), help=recipe("max_grad_norm"))
     a("--seed", type=int, default=42, check=SEED)
     a("--strategy", default="fsdp", choices=("fsdp", "ddp"), help="FSDP2 full shard, or DDP")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
@@ -167,13 +182,16 @@ def parse_args(argv=None):
     a("--sample-every", type=int, default=10, check=EVERY, help="save a PNG grid of samples every N steps (0: never)")
     a("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
     args = p.parse_args(argv)
-    recipe = {**RECIPES[args.reward], **RECIPES["lora" if args.lora_rank else "full"],
+    family = check_model_folder(args.model) if args.model else "flux"
+    reward = args.reward or RECIPES[family]["reward"]
+    recipe = {**RECIPES[family], **RECIPES.get(f"{family}+{reward}", {}), **(RECIPES["lora"] if args.lora_rank else {}),
               **RECIPES["model" if args.model else "tiny"], "lora_alpha": float(args.lora_rank),
               "gradient_checkpointing": torch.cuda.is_available()}
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     check_ranges(args, checks)
+    check_text_tokens(args.max_sequence_length, FAMILIES[family])
     return args
 
 
@@ -194,7 +212,6 @@ def check_inputs(args):
     if args.prompts is not None and args.image_dir is not None:
         fail("--prompts and --image-dir: expected one of them, prompts to roll out or captioned images (offline)")
     if args.model:
-        check_model_folder(args.model)
         if args.prompts is None and args.image_dir is None:
             fail("--model needs --prompts FILE (online) or --image-dir DIR (offline)")
         if not args.reward_path:
@@ -222,9 +239,10 @@ def check_inputs(args):
 
 def step_settings(args):
     """srpo.srpo_step's keyword arguments from the flags: the method's settings, nothing of the run."""
-    return dict(window=(args.window_start, args.window_end), shift=args.shift, rho=args.rho, k_denoise=args.k_denoise,
-                k_inversion=args.k_inversion, pos_words=args.pos_words, neg_words=args.neg_words,
-                threshold=args.threshold, branches=BRANCHES if args.branches == "both" else (args.branches,))
+    return dict(window=(args.window_start, args.window_end), shift=args.shift, length=args.window_length, rho=args.rho,
+                k_denoise=args.k_denoise, k_inversion=args.k_inversion, pos_words=args.pos_words,
+                neg_words=args.neg_words, loss=args.loss, threshold=args.threshold,
+                branches=BRANCHES if args.branches == "both" else (args.branches,))
 
 
 def rng(*key):
@@ -480,7 +498,7 @@ def main(argv=None):
         tiny_flux, tiny_clip = tiny_model_paths()
         say(f"tiny random models: {tiny_flux} (FLUX), {tiny_clip} (reward)")
         args.model, args.reward_path = tiny_flux, args.reward_path or tiny_clip
-    family = {"flux": flux, "qwen": qwen}[check_model_folder(args.model)]  # the model's plumbing: flux.py or qwen.py
+    family = FAMILIES[check_model_folder(args.model)]  # the model's plumbing: flux.py or qwen.py
     # the text embeddings first: T5-XXL (9.5 GB) and CLIP-L are freed before the transformer loads
     captions, image_paths, held = held_out_prompts(args, captions, image_paths, say)
     index, mine, used = prompt_schedule(args, captions, rank, world)
@@ -660,7 +678,7 @@ def evaluate_held_out(step, args, m, embeds, held, rank, world, device):
     f = m.family
     render = lambda i: f.decode(m.vae, f.rollout(  # noqa: E731
         m.transformer, f.latent_noise(args.resolution, rng(args.seed, "eval", i), device),
-        f.condition(embeds, held[i], args.resolution, device), args.rollout_steps, args.shift, args.guidance),
+        f.condition(embeds, held[i], args.resolution, device), args.rollout_steps, args.shift, f.SAMPLE_GUIDANCE),
         args.resolution)[0]
     scorers = {"judge": lambda images, prompt: m.judge.score(images.to(m.judge.model.device), [prompt]),
                "reward": judge.relative_score(m.reward, args.pos_words, args.neg_words)}
@@ -671,10 +689,11 @@ def evaluate_held_out(step, args, m, embeds, held, rank, world, device):
 
 
 def save_samples(m, cond, caption, noise, path, args, rank, world):
-    """Every rank renders its own fixed prompt from its own fixed noise; rank 0 saves the grid."""
+    """Every rank renders its own fixed prompt from its own fixed noise, at sample.py's guidance (FLUX 3.5, Qwen-Image's
+    true CFG 4) and the rollout's steps; rank 0 saves the grid."""
     with torch.no_grad():
         image = m.family.decode(m.vae, m.family.rollout(m.transformer, noise, cond, args.rollout_steps, args.shift,
-                                                        args.guidance), args.resolution)
+                                                        m.family.SAMPLE_GUIDANCE), args.resolution)
     images = [torch.empty_like(image) for _ in range(world)]
     dist.all_gather(images, image)
     captions = [None] * world
