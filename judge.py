@@ -75,11 +75,14 @@ def evaluate(render, scorers, prompts, rank, world):
         if i < len(prompts):
             scores = {name: float(score(image[None], prompts[i])) for name, score in scorers.items()}
             done.append((i, (image.clamp(0, 1) * 255).round().byte().cpu(), scores))
-    parts = [None] * world
-    dist.all_gather_object(parts, done)
-    done = sorted(item for part in parts for item in part)
-    scores = {name: [s[name] for _, _, s in done] for name in scorers}
-    return scores, torch.stack([image for _, image, _ in done]) if rank == 0 else None
+    parts = [None] * world  # the scores to every rank (each decides the alarm), the images to rank 0 alone
+    dist.all_gather_object(parts, [(i, s) for i, _, s in done])
+    scores = [s for _, s in sorted(item for part in parts for item in part)]
+    images = [None] * world if rank == 0 else None
+    dist.gather_object([(i, image) for i, image, _ in done], images, dst=0)
+    if rank == 0:
+        images = torch.stack([image for _, image in sorted(item for part in images for item in part)])
+    return {name: [s[name] for s in scores] for name in scorers}, images
 
 
 def summary(scores):

@@ -443,31 +443,38 @@ def held_out_prompts(args, captions, image_paths, say):
             [captions[i] for i in sorted(out)])
 
 
-def best_checkpoint(output_dir, evals):
+def best_checkpoint(output_dir, rows):
     """The checkpoint (or the base model, step 0) with the judge's best mean, in words."""
-    best = judge.best_of(evals, {0, *checkpoint.complete_steps(output_dir)})
+    best = judge.best_of(rows, {0, *checkpoint.complete_steps(output_dir)})
     if best is None:
         return "no checkpoint evaluated yet"
     where = "the base model (step 0)" if best["step"] == 0 else os.path.join(output_dir, f"checkpoint-{best['step']}")
-    overall = judge.best_of(evals)
+    overall = judge.best_of(rows)
     other = "" if overall is best else f"; step {overall['step']} scored {overall['eval_judge']:.4f}, without a " \
                                        f"checkpoint"
     return f"{where} (judge {best['eval_judge']:.4f}{other})"
 
 
-def read_rows(path):
-    """metrics.jsonl's rows; none for a run without one."""
-    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+def history(args, start, evaluate, master):
+    """metrics.jsonl's rows so far, on every rank: a resumed run's judge compares with what it said before. With the
+    judge, a new run's first row is its evaluation of the base model (step 0)."""
+    path = os.path.join(args.output_dir, "metrics.jsonl")
+    rows = [[json.loads(line) for line in open(path)] if master and os.path.isfile(path) else None]
+    dist.broadcast_object_list(rows)
+    rows = rows[0] or []
+    if evaluate and start == 0:
+        rows.append({"step": 0, **evaluate(0)})
+        if master:
+            write_row(args.output_dir, rows)
+    return rows
 
 
-def write_row(output_dir, row):
-    """Appends row to metrics.jsonl, then draws metrics.png and eval/strips.png from every row so far (judge.py)."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    rows = read_rows(path)
+def write_row(output_dir, rows):
+    """Appends the last of rows to metrics.jsonl, then draws metrics.png and eval/strips.png from them (judge.py)."""
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(rows[-1]) + "\n")
     judge.draw_metrics(os.path.join(output_dir, "metrics.png"), rows)
-    if "eval_judge" in row:
+    if "eval_judge" in rows[-1]:
         judge.draw_strips(os.path.join(output_dir, "eval"), rows)
 
 
@@ -519,14 +526,8 @@ def main(argv=None):
         say(f"resumed from {args.output_dir}/checkpoint-{start} (verified against its manifest)")
     if master:
         write_run_files(args, before, start)
-    rows = [read_rows(os.path.join(args.output_dir, "metrics.jsonl")) if master else None]
-    dist.broadcast_object_list(rows)  # what the judge said before a resume, on every rank
-    evals = [r for r in rows[0] if "eval_judge" in r]
     evaluate = lambda step: evaluate_held_out(step, args, m, embeds, held, rank, world, device)  # noqa: E731
-    if args.judge and start == 0:
-        evals.append({"step": 0, **evaluate(0)})
-        if master:
-            write_row(args.output_dir, evals[-1])
+    rows = history(args, start, evaluate if args.judge else None, master)
 
     sample = lambda step: save_samples(  # noqa: E731
         m, family.condition(embeds, sample_caption, args.resolution, device), sample_caption,
@@ -535,12 +536,12 @@ def main(argv=None):
     if args.sample_every and start == 0:
         sample(0)
     last = train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample,
-                      evaluate if args.judge else None, evals, rank, device)
+                      evaluate if args.judge else None, rows, rank, device)
     weights = "pytorch_lora_weights" if args.lora_rank else "diffusion_pytorch_model"
     say(f"done: weights {last}/{weights}.safetensors, metrics {args.output_dir}/metrics.jsonl and metrics.png"
         + (f", samples {args.output_dir}/samples/" if args.sample_every else ""))
     if args.judge:
-        say(f"best by the judge ({args.judge}): {best_checkpoint(args.output_dir, evals)}; its curves in "
+        say(f"best by the judge ({args.judge}): {best_checkpoint(args.output_dir, rows)}; its curves in "
             f"metrics.png, the held-out images of every evaluation in {args.output_dir}/eval/strips.png")
     dist.barrier()  # no rank tears down its connections while another still sends on them (gloo aborts then)
     dist.destroy_process_group()
@@ -548,11 +549,11 @@ def main(argv=None):
 
 # ----------------------------------------------------------------------------------------- the loop
 
-def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample, evaluate, evals, rank,
+def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, start, sample, evaluate, rows, rank,
                device):
-    """Steps start+1 .. --steps: each rank's prompts, srpo_step on each, then one clipped AdamW step; metrics,
-    checkpoints, samples and the judge's evaluations (evaluate, appended to evals) as the flags ask; the hacking
-    alarm. Returns the last checkpoint's path."""
+    """Steps start+1 .. --steps: each rank's prompts, srpo_step on each, then one clipped AdamW step; metrics (each
+    step's row appended to rows), checkpoints, samples and the judge's evaluations (evaluate) as the flags ask; the
+    hacking alarm. Returns the last checkpoint's path."""
     world, master, cuda, f = dist.get_world_size(), rank == 0, device.type == "cuda", m.family
     say = lambda text: master and tqdm.write(text)  # noqa: E731
     last = os.path.join(args.output_dir, f"checkpoint-{start}") if start else "none"
@@ -619,10 +620,10 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
         hacking = None
         if evaluate and (step + 1 == args.steps or (args.eval_every and (step + 1) % args.eval_every == 0)):
             record.update(evaluate(step + 1))
-            hacking = judge.alarm(evals, record)
-            evals.append(record)
+            hacking = judge.alarm(rows, record)
+        rows.append(record)
         if master:
-            write_row(args.output_dir, record)
+            write_row(args.output_dir, rows)
         stopping = hacking and args.stop_when_hacking
         if step + 1 == args.steps or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or stopping:
             path, error = checkpoint.save(m.transformer, optimizer, step + 1, args.output_dir, publish, rank, world)
@@ -633,7 +634,7 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
             sample(step + 1)
         if hacking:
             bar.clear()
-            say(judge.alarm_line(record, *hacking, args.judge, best_checkpoint(args.output_dir, evals)))
+            say(judge.alarm_line(record, *hacking, args.judge, best_checkpoint(args.output_dir, rows)))
             if stopping:
                 bar.close()
                 say(f"stopped by --stop-when-hacking at step {step + 1}; the same command with --resume continues")
