@@ -239,28 +239,37 @@ def test_train_pys_qwen_defaults_give_the_release_qwen_scripts_gradient(tiny, em
 
 # ---------------------------------------------------------------- train.py on Qwen-Image
 
-def train_qwen(tiny, out, *argv):
-    from test_train import train_here
+def qwen_argv(tiny, out, *argv):
+    """train.py's arguments for a quick run on the tiny Qwen-Image, with its recipe's defaults otherwise."""
     from tiny import tiny_model_paths
     (out.parent / "prompts.txt").write_text("a red cat\na blue car\na green tree\n")
-    train_here("--model", tiny[0], "--prompts", out.parent / "prompts.txt", "--reward-path", tiny_model_paths()[1],
-               "--resolution", "32", "--batch-size", "2", "--rollout-steps", "2", "--max-sequence-length", MAX_LEN,
-               "--sample-every", "0", "--lr", "1e-3", "--output-dir", out, *argv)
+    return [str(a) for a in ("--model", tiny[0], "--prompts", out.parent / "prompts.txt", "--reward-path",
+                             tiny_model_paths()[1], "--resolution", "32", "--batch-size", "2", "--rollout-steps", "2",
+                             "--max-sequence-length", MAX_LEN, "--sample-every", "0", "--lr", "1e-3", "--output-dir",
+                             out, *argv)]
 
 
-def test_train_py_takes_qwen_image_by_its_model_index_fsdp_equals_ddp_and_resume_is_exact(tiny, tmp_path):
+def train_qwen(tiny, out, *argv):
+    from test_train import train_here
+    train_here(*qwen_argv(tiny, out, *argv))
+
+
+def test_train_py_takes_qwen_image_by_its_model_index_on_1_and_2_ranks_fsdp_equals_ddp_resume_is_exact(tiny, tmp_path):
     from diffusers import QwenImageTransformer2DModel
-    from test_train import close_updates, dcp_state
+    from test_train import close_updates, dcp_state, run_train
     path, pipe = tiny
     train_qwen(tiny, tmp_path / "fsdp", "--steps", "2", "--strategy", "fsdp", "--checkpoint-every", "1")
     train_qwen(tiny, tmp_path / "ddp", "--steps", "2", "--strategy", "ddp")
+    done = run_train(*qwen_argv(tiny, tmp_path / "two", "--steps", "2", "--strategy", "fsdp"), nproc=2)
+    assert done.returncode == 0, done.stderr[-6000:]
     start = pipe.transformer.state_dict()
-    fsdp, ddp = (dcp_state(tmp_path / name / "checkpoint-2")["model"] for name in ("fsdp", "ddp"))
+    fsdp, ddp, two = (dcp_state(tmp_path / name / "checkpoint-2")["model"] for name in ("fsdp", "ddp", "two"))
     # the last block's text stream after attention gets no gradient (qwen.frozen): not trained, not in state/
     assert not any(k.startswith("transformer_blocks.1.txt_mlp.") or "blocks.1.attn.to_add_out" in k for k in fsdp)
     assert set(fsdp) == set(ddp) and sum((fsdp[k] - start[k]).abs().sum() for k in fsdp) > 0.01  # it trained
     for key in fsdp:  # relative to the update, as test_train's FLUX comparison: sums in other orders
         assert close_updates(ddp[key], fsdp[key], start[key]), key
+        assert close_updates(two[key], fsdp[key], start[key]), key  # 2 ranks, a prompt each: the same batch
     # 1 step, then --resume for the second: the same bits as 2 steps at once (every draw keyed by seed and step)
     train_qwen(tiny, tmp_path / "resumed", "--steps", "1", "--strategy", "fsdp")
     train_qwen(tiny, tmp_path / "resumed", "--steps", "2", "--strategy", "fsdp", "--resume")
