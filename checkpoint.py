@@ -1,4 +1,4 @@
-"""Checkpoints that prove themselves, and one run per output folder.
+"""Checkpoints that prove themselves, one run per output folder, and weights files checked before sample.py uses them.
 
     checkpoint-N/
         diffusion_pytorch_model.safetensors, config.json   the published weights (what FluxPipeline loads)
@@ -20,9 +20,10 @@ import shutil
 import socket
 import time
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -31,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from inputs import disk_words, fail
 
 MANIFEST = "manifest.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release publish
+LORA_NAME = "pytorch_lora_weights.safetensors"         # what train.py --lora-rank publishes (diffusers' LoRA format)
 # state/ holds what trains: every weight, or a LoRA's adapters (its frozen base is the --model's, read again)
 TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
@@ -248,3 +251,64 @@ def load(transformer, optimizer, path):
         set_optimizer_state_dict(transformer, optimizer, state["optimizer"])
     except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
         fail(f"--resume: {path} does not fit this --model and --lora-rank ({one_line(e)})")
+
+
+# ----------------------------------------------------------------- weights files given by hand (sample.py)
+
+def read_header(flag, path, name):
+    """(the file, {key: shape}) of a safetensors file, checked before any image is made; a folder stands for its
+    file `name`, as train.py writes it. Integer tensors would be cast to weights silently, non-finite ones render
+    black images: refused."""
+    folder, path = (path, os.path.join(path, name)) if os.path.isdir(path) else (None, path)
+    if folder and not os.path.isfile(path):  # the folder a user meant is named
+        other = {WEIGHTS_NAME: ("--lora", LORA_NAME), LORA_NAME: ("--weights", WEIGHTS_NAME)}[name]
+        steps = complete_steps(folder)
+        if steps:
+            fail(f"{flag} {folder}: a run's folder; expected one of its checkpoints, {flag} "
+                 f"{os.path.join(folder, f'checkpoint-{steps[0]}')} (its newest)")
+        if os.path.isfile(os.path.join(folder, other[1])):
+            fail(f"{flag} {folder}: it holds {other[1]}; expected {other[0]} {folder}")
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: not found (expected {name} or a folder holding it)")
+    try:
+        with safe_open(path, "pt") as f:
+            header = {key: f.get_slice(key) for key in f.keys()}
+            for key, part in header.items():
+                if not part.get_dtype().startswith(("F", "BF")):  # F64 ... F8_E4M3, BF16; not I8, U8, BOOL
+                    fail(f"{flag} {path}: {key} is {part.get_dtype()} (expected floating-point weights)")
+            for key in header:  # one tensor at a time; NaN or inf weights would render black images
+                if not torch.isfinite(f.get_tensor(key)).all():
+                    fail(f"{flag} {path}: {key} has non-finite values (a run that diverged?); expected finite weights")
+            return path, {key: tuple(part.get_shape()) for key, part in header.items()}
+    except (SafetensorError, OSError) as e:
+        fail(f"{flag} {path}: not a safetensors file ({e})")
+
+
+def check_weights(path, transformer):
+    """The --weights file: exactly the keys and shapes of this --model's transformer."""
+    path, shapes = read_header("--weights", path, WEIGHTS_NAME)
+    expected = {key: tuple(t.shape) for key, t in transformer.state_dict().items()}
+    for key in sorted(expected.keys() | shapes.keys()):
+        if shapes.get(key) != expected.get(key):
+            what = f"is {shapes.get(key, 'missing')}, expected {expected[key]} for" if key in expected else \
+                "is not a key of"
+            fail(f"--weights {path}: {key} {what} this --model's transformer")
+    return path
+
+
+def check_lora(path, transformer):
+    """The --lora file: diffusers' LoRA keys, transformer.<layer>.lora_A / lora_B.weight, each on a linear
+    layer of this --model's transformer whose sizes it fits (A: rank x in, B: out x rank)."""
+    path, shapes = read_header("--lora", path, LORA_NAME)
+    layers = dict(transformer.named_modules())
+    what = "expected a LoRA of this --model, keys transformer.<layer>.lora_A.weight / lora_B.weight"
+    if not shapes:
+        fail(f"--lora {path}: no tensors in it ({what})")
+    for key, shape in shapes.items():
+        name, a = key.removeprefix("transformer.").rsplit(".lora_", 1)[0], ".lora_A." in key
+        layer = layers.get(name)
+        if not key.startswith("transformer.") or not isinstance(layer, torch.nn.Linear):
+            fail(f"--lora {path}: {key} is no LoRA weight of a linear layer of the transformer ({what})")
+        if shape[1 if a else 0] != (layer.in_features if a else layer.out_features):
+            fail(f"--lora {path}: {key} is {shape}, which does not fit {name} ({what})")
+    return path

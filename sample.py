@@ -25,19 +25,17 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 import checkpoint
+from checkpoint import LORA_NAME, WEIGHTS_NAME, check_lora, check_weights
 import flux
 import qwen
 from flux import quantize_nf4
 from inputs import (SEED, SIZE, TOKENS, Parser, check_model_folder, check_ranges, check_text_tokens, fail, read_prompts,
                     run_command)
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what train.py and the release write
-LORA_NAME = "pytorch_lora_weights.safetensors"         # what train.py --lora-rank writes (diffusers' LoRA format)
 PIPE_ARGS = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
 SHEET_IMAGES = 16  # contact sheet: the first 16 images, 4 per row
 COMPARE_ROWS = 8   # compare.png: the first 8 prompts, base left, SRPO right
@@ -82,65 +80,6 @@ def parse_args(argv=None):
     for key, value in (RELEASE if args.model is not None else TINY).items():  # tiny random pipeline: seconds an image
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     return args
-
-
-def read_header(flag, path, name):
-    """(the file, {key: shape}) of a safetensors file, checked before any image is made; a folder stands for its
-    file `name`, as train.py writes it. Integer tensors would be cast to weights silently, non-finite ones render
-    black images: refused."""
-    folder, path = (path, os.path.join(path, name)) if os.path.isdir(path) else (None, path)
-    if folder and not os.path.isfile(path):  # the folder a user meant is named
-        other = {WEIGHTS_NAME: ("--lora", LORA_NAME), LORA_NAME: ("--weights", WEIGHTS_NAME)}[name]
-        steps = checkpoint.complete_steps(folder)
-        if steps:
-            fail(f"{flag} {folder}: a run's folder; expected one of its checkpoints, {flag} "
-                 f"{os.path.join(folder, f'checkpoint-{steps[0]}')} (its newest)")
-        if os.path.isfile(os.path.join(folder, other[1])):
-            fail(f"{flag} {folder}: it holds {other[1]}; expected {other[0]} {folder}")
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}: not found (expected {name} or a folder holding it)")
-    try:
-        with safe_open(path, "pt") as f:
-            header = {key: f.get_slice(key) for key in f.keys()}
-            for key, part in header.items():
-                if not part.get_dtype().startswith(("F", "BF")):  # F64 ... F8_E4M3, BF16; not I8, U8, BOOL
-                    fail(f"{flag} {path}: {key} is {part.get_dtype()} (expected floating-point weights)")
-            for key in header:  # one tensor at a time; NaN or inf weights would render black images
-                if not torch.isfinite(f.get_tensor(key)).all():
-                    fail(f"{flag} {path}: {key} has non-finite values (a run that diverged?); expected finite weights")
-            return path, {key: tuple(part.get_shape()) for key, part in header.items()}
-    except (SafetensorError, OSError) as e:
-        fail(f"{flag} {path}: not a safetensors file ({e})")
-
-
-def check_weights(path, transformer):
-    """The --weights file: exactly the keys and shapes of this --model's transformer."""
-    path, shapes = read_header("--weights", path, WEIGHTS_NAME)
-    expected = {key: tuple(t.shape) for key, t in transformer.state_dict().items()}
-    for key in sorted(expected.keys() | shapes.keys()):
-        if shapes.get(key) != expected.get(key):
-            what = f"is {shapes.get(key, 'missing')}, expected {expected[key]} for" if key in expected else \
-                "is not a key of"
-            fail(f"--weights {path}: {key} {what} this --model's transformer")
-    return path
-
-
-def check_lora(path, transformer):
-    """The --lora file: diffusers' FLUX LoRA keys, transformer.<layer>.lora_A / lora_B.weight, each on a linear
-    layer of this --model's transformer whose sizes it fits (A: rank x in, B: out x rank)."""
-    path, shapes = read_header("--lora", path, LORA_NAME)
-    layers = dict(transformer.named_modules())
-    what = "expected a FLUX LoRA of this --model, keys transformer.<layer>.lora_A.weight / lora_B.weight"
-    if not shapes:
-        fail(f"--lora {path}: no tensors in it ({what})")
-    for key, shape in shapes.items():
-        name, a = key.removeprefix("transformer.").rsplit(".lora_", 1)[0], ".lora_A." in key
-        layer = layers.get(name)
-        if not key.startswith("transformer.") or not isinstance(layer, torch.nn.Linear):
-            fail(f"--lora {path}: {key} is no LoRA weight of a linear layer of the transformer ({what})")
-        if shape[1 if a else 0] != (layer.in_features if a else layer.out_features):
-            fail(f"--lora {path}: {key} is {shape}, which does not fit {name} ({what})")
-    return path
 
 
 def render(pipe, sample_args, records, out_dir, rank, world_size):
@@ -189,8 +128,8 @@ def grid(paths, cols, out):
     sheet.save(out)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_inputs(args):
+    """(the model family's module, the prompts): every flag checked, one line each, before anything loads."""
     family = {"flux": flux, "qwen": qwen}[check_model_folder(args.model)] if args.model and \
         os.path.isdir(args.model) else flux  # the pipeline folder's family; a hub id is FLUX's
     args.guidance_scale = family.SAMPLE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
@@ -209,7 +148,38 @@ def main(argv=None):
     if args.model is None:  # the tiny random pipeline, built offline on first use
         from tiny import tiny_model_paths
         args.model = tiny_model_paths()[0]
+    return family, prompts
 
+
+def load_pipeline(args, family, device):
+    """The pipeline in bf16 on a GPU, fp32 on a CPU; with --quantize-base, loaded on the CPU and its transformer
+    quantized onto the device a layer at a time."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        pipe = family.PIPELINE.from_pretrained(args.model, dtype=dtype)
+    except (OSError, ValueError) as e:
+        fail(f"--model {args.model}: cannot load a {family.PIPELINE.__name__} ({str(e).splitlines()[0]})")
+    if args.quantize_base:
+        quantize_nf4(pipe.transformer, device, dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)  # ours is over prompts
+    return pipe
+
+
+def finish_folder(out_dir, records, rendered, skipped):
+    """prompts.jsonl (renamed into place: a folder with one is complete) and contact_sheet.png, on rank 0."""
+    jsonl = os.path.join(out_dir, "prompts.jsonl")
+    with open(jsonl + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(jsonl + ".tmp", jsonl)
+    files = [os.path.join(out_dir, r["file"]) for r in records[:SHEET_IMAGES]]
+    grid(files, min(4, len(files)), os.path.join(out_dir, "contact_sheet.png"))
+    print(f"{out_dir}: {rendered} images rendered, {skipped} already there; prompts.jsonl, contact_sheet.png written")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    family, prompts = check_inputs(args)
     # torchrun sets these; a plain `python sample.py` is rank 0 of 1
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
@@ -218,15 +188,7 @@ def main(argv=None):
         torch.cuda.set_device(device)
     if world_size > 1:  # only so rank 0 can wait for the others before it writes prompts.jsonl and grids
         dist.init_process_group("nccl" if cuda else "gloo")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    try:  # quantized: loaded on the CPU, the transformer quantized onto the device a layer at a time
-        pipe = family.PIPELINE.from_pretrained(args.model, dtype=dtype)
-    except (OSError, ValueError) as e:
-        fail(f"--model {args.model}: cannot load a {family.PIPELINE.__name__} ({str(e).splitlines()[0]})")
-    if args.quantize_base:
-        quantize_nf4(pipe.transformer, device, dtype)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)  # ours is over prompts
+    pipe = load_pipeline(args, family, device)
     weights = check_weights(args.weights, pipe.transformer) if args.weights else None
     lora = check_lora(args.lora, pipe.transformer) if args.lora else None
     if rank == 0:  # one run per output folder: two would write each other's images
@@ -249,15 +211,7 @@ def main(argv=None):
         if world_size > 1:
             dist.all_reduce(counts)  # also waits until every rank has written its images
         if rank == 0:
-            jsonl = os.path.join(out_dir, "prompts.jsonl")
-            with open(jsonl + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-            os.replace(jsonl + ".tmp", jsonl)
-            files = [os.path.join(out_dir, r["file"]) for r in records[:SHEET_IMAGES]]
-            grid(files, min(4, len(files)), os.path.join(out_dir, "contact_sheet.png"))
-            rendered, skipped = counts.tolist()
-            print(f"{out_dir}: {rendered} images rendered, {skipped} already there; prompts.jsonl, contact_sheet.png "
-                  f"written")
+            finish_folder(out_dir, records, *counts.tolist())
     if args.compare and rank == 0:
         pairs = [os.path.join(args.output_dir, sub, f"{i:05d}.png")
                  for i in range(min(COMPARE_ROWS, len(prompts))) for sub in ("base", "srpo")]
