@@ -129,18 +129,24 @@ def conditioning(embeds, resolution, device):
     return dict(embeds, txt_ids=txt_ids, img_ids=ids)
 
 
+KEEP_GATHERED = True  # rollout's FSDP2 choice for FLUX: its 24 GB of gathered bf16 weights fit beside the shards
+
+
 @torch.no_grad()
-def rollout(transformer, noise, cond, steps, shift, guidance, progress=False, velocity_of=velocity):
+def rollout(transformer, noise, cond, steps, shift, guidance, progress=False, velocity_of=velocity,
+            keep_gathered=KEEP_GATHERED):
     """x0 of the current model: Euler steps on the shift-3 grid from pure noise (METHOD.md §5), no gradient.
-    Under FSDP2 each block keeps its gathered weights for all the steps (one all-gather per rollout, not
-    one per step; FLUX's bf16 copy fits beside the shards from 8 GPUs on) and frees them at the end. Under DDP
+    Under FSDP2 with keep_gathered each block keeps its gathered weights for all the steps (one all-gather per
+    rollout, not one per step; FLUX's bf16 copy fits beside the shards from 8 GPUs on) and frees them at the end;
+    without, each forward gathers block by block as in training (FSDP2 prefetches the next block). Under DDP
     the fp32 weights are cast to bf16 once per rollout, not once per step: autocast keeps its casts of weights
     until its outermost context ends, and one context here holds velocity's for all the steps. velocity_of: the
     model family's velocity (qwen.velocity for Qwen-Image)."""
     if torch.is_autocast_enabled(noise.device.type):  # METHOD.md §7
         raise RuntimeError("rollout inside an autocast region: its bf16 casts of the weights, made without "
                            "gradient, would be reused by later passes until that region ends, and give no gradient")
-    blocks = [m for m in transformer.modules() if isinstance(m, FSDPModule) and m is not transformer]
+    blocks = [m for m in transformer.modules() if isinstance(m, FSDPModule) and m is not transformer] \
+        if keep_gathered else []
     for block in blocks:
         block.set_reshard_after_forward(False)
     sigmas = sigma_schedule(steps, shift)

@@ -106,10 +106,16 @@ def conditioning(embeds, resolution, device, negative=None):
     return cond
 
 
+# Qwen-Image's 38 GiB of bf16 weights, kept gathered through the rollout, would not fit beside the shards on 8 GPUs
+# of 80 GB (experiments.plan --model qwen): its rollout gathers block by block, as training does
+KEEP_GATHERED = False
+
+
 def rollout(transformer, noise, cond, steps, shift, guidance, progress=False):
     """x0 of the current model: flux.rollout's Euler steps with Qwen-Image's velocity, no gradient (FSDP2 and autocast
     handled as there); the release's Qwen rollout is 26 steps at shift 1 (a linear grid) with true CFG 4 on ""."""
-    return flux_rollout(transformer, noise, cond, steps, shift, guidance, progress, velocity_of=velocity)
+    return flux_rollout(transformer, noise, cond, steps, shift, guidance, progress, velocity_of=velocity,
+                        keep_gathered=KEEP_GATHERED)
 
 
 def latent_stats(vae, device):

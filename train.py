@@ -363,7 +363,8 @@ def load_models(args, family, device, world):
     num_params, largest = num_weights(transformer), max(p.numel() for p in transformer.parameters())  # unsharded
     if args.gradient_checkpointing:  # the VAE's decoder too: its activations at 720x720 are the next largest
         transformer.enable_gradient_checkpointing()
-        vae.enable_gradient_checkpointing()
+        if vae._supports_gradient_checkpointing:  # Qwen-Image's video VAE does not (diffusers 0.42)
+            vae.enable_gradient_checkpointing()
     if args.strategy == "fsdp":
         # bf16 compute copies, fp32 reductions. Forward inputs are not cast: under activation checkpointing
         # torch 2.11 skips that cast when it recomputes a block, and the recomputation then differs.
@@ -608,15 +609,9 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
                  f"{grad_norm}): stopped before saving")
 
         bar.set_postfix_str(f"loss {stats['loss']:.4f}, reward " + " ".join(
-            f"{stats[f'reward_{n}']:.4f}" for n in ("denoise", "inversion") if f"reward_{n}" in stats))
-        record = {"step": step + 1, "loss": stats["loss"]}
-        for n in ("denoise", "inversion"):
-            record[f"reward_{n}"] = stats.get(f"reward_{n}")
-            record[f"sigma_{n}"] = [stats[f"sigma_{n}_from"], stats[f"sigma_{n}_to"]] if f"k_{n}" in stats else None
-            record[f"k_{n}"] = stats.get(f"k_{n}")
-        record.update(grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], step_time_s=time.time() - t0,
-                      time_rollout_s=seconds["rollout"], time_branches_s=seconds["branches"],
-                      **peak_memory_gib(device))
+            f"{stats[f'reward_{n}']:.4f}" for n in BRANCHES if f"reward_{n}" in stats))
+        record = step_row(step + 1, stats, grad_norm, optimizer.param_groups[0]["lr"], time.time() - t0, seconds,
+                          device)
         hacking = None
         if evaluate and (step + 1 == args.steps or (args.eval_every and (step + 1) % args.eval_every == 0)):
             record.update(evaluate(step + 1))
@@ -640,6 +635,18 @@ def train_loop(args, m, optimizer, captions, image_paths, index, mine, embeds, s
                 say(f"stopped by --stop-when-hacking at step {step + 1}; the same command with --resume continues")
                 break
     return last
+
+
+def step_row(step, stats, grad_norm, lr, step_time, seconds, device):
+    """metrics.jsonl's row of a step: the batch's loss, each branch's reward, sigmas and k (None for a branch that
+    did not train), the gradient norm before clipping, times and peak memory."""
+    row = {"step": step, "loss": stats["loss"]}
+    for n in BRANCHES:
+        row[f"reward_{n}"] = stats.get(f"reward_{n}")
+        row[f"sigma_{n}"] = [stats[f"sigma_{n}_from"], stats[f"sigma_{n}_to"]] if f"k_{n}" in stats else None
+        row[f"k_{n}"] = stats.get(f"k_{n}")
+    return {**row, "grad_norm": grad_norm, "lr": lr, "step_time_s": step_time, "time_rollout_s": seconds["rollout"],
+            "time_branches_s": seconds["branches"], **peak_memory_gib(device)}
 
 
 @contextmanager
