@@ -53,7 +53,8 @@ TEXT_KEYS = ("encoder_hidden_states", "pooled_projections")  # one FLUX text_cac
 def text_cache(model_dir, prompts, max_sequence_length, cache_dir, device, keys, load_encoder, encode):
     """A model's text embeddings of each prompt, encode(pipeline, prompt) -> {key: tensor} for each of keys. They
     depend only on the caption, so they are computed once with the pipeline load_encoder() returns (its text encoders
-    only), cached as safetensors, and the encoders freed. A damaged file is computed again, with one line. Returns
+    only), cached as safetensors with the sha256 of their bytes, and the encoders freed. A file whose tensors no
+    longer match it (cut short, or bytes flipped by a disk) is computed again, with one line. Returns
     embeds(prompt), which reads one prompt's tensors from the cache onto the device (a few MB each: read when used
     rather than all kept on the GPU)."""
     stamp = os.path.getmtime(os.path.join(model_dir, "model_index.json"))  # a model rebuilt in place: new keys
@@ -62,10 +63,17 @@ def text_cache(model_dir, prompts, max_sequence_length, cache_dir, device, keys,
         key = f"{os.path.abspath(model_dir)}|{stamp}|{max_sequence_length}|{prompt}"
         return os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
 
+    def digest(tensors):  # of the raw bytes, key by key: a flipped bit anywhere changes it
+        h = hashlib.sha256()
+        for key in keys:
+            h.update(tensors[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def intact(file):  # written whole and renamed; a disk or a hand may still cut or garble it
         try:
             with safe_open(file, "pt") as f:
-                return set(f.keys()) == set(keys)
+                return set(f.keys()) == set(keys) and (f.metadata() or {}).get("sha256") == \
+                    digest({k: f.get_tensor(k) for k in keys})
         except (SafetensorError, OSError):
             return False
     todo = [p for p in dict.fromkeys(prompts) if not intact(path(p))]
@@ -79,7 +87,8 @@ def text_cache(model_dir, prompts, max_sequence_length, cache_dir, device, keys,
             with torch.no_grad():
                 tensors = encode(pipe, prompt)
             tmp = f"{path(prompt)}.{socket.gethostname()}.{os.getpid()}.tmp"  # ranks of all nodes may write it
-            save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
+            tensors = {k: v.cpu() for k, v in tensors.items()}
+            save_file(tensors, tmp, metadata={"sha256": digest(tensors)})
             os.replace(tmp, path(prompt))
         del pipe
         if device.type == "cuda":

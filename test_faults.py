@@ -659,12 +659,15 @@ def test_non_utf8_prompts_from_the_command_line_are_one_line_without_traceback(t
                                  f"a .txt file with one prompt per line, or a .json list of strings in UTF-8)"
 
 
-def test_a_damaged_text_cache_entry_is_computed_again_with_one_line(tmp_path, capsys):
+def test_damaged_text_cache_entries_are_computed_again_with_one_line(tmp_path, capsys):
     out = tmp_path / "out"
     train_here(*FAST, "--steps", "1", "--output-dir", out)
     entries = sorted((out / "text_cache").iterdir())
     entries[0].write_bytes(entries[0].read_bytes()[:100])  # cut short: a full disk, a copy stopped halfway
+    data = bytearray(entries[1].read_bytes())
+    data[-1] ^= 1  # one bit of a tensor flipped, the header intact: a disk
+    entries[1].write_bytes(data)
     capsys.readouterr()
     train_here(*FAST, "--steps", "2", "--output-dir", out, "--resume")
-    assert f"{out}/text_cache: 1 damaged text embeddings computed again\n" in capsys.readouterr().out
+    assert f"{out}/text_cache: 2 damaged text embeddings computed again\n" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
