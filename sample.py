@@ -111,7 +111,10 @@ def render(pipe, sample_args, records, out_dir, rank, world_size):
         for key, value in r.items():
             info.add_text(key, str(value))
         path = os.path.join(out_dir, r["file"])
-        image.save(path + ".tmp", format="PNG", pnginfo=info)
+        try:
+            image.save(path + ".tmp", format="PNG", pnginfo=info)
+        except OSError as e:  # PIL's write errors (a full disk) name no file: the line names the image
+            raise OSError(e.errno, e.strerror, path) from e
         os.replace(path + ".tmp", path)
     return len(todo), len(mine) - len(todo)
 

@@ -659,6 +659,21 @@ def test_non_utf8_prompts_from_the_command_line_are_one_line_without_traceback(t
                                  f"a .txt file with one prompt per line, or a .json list of strings in UTF-8)"
 
 
+def test_a_full_disk_while_sample_py_writes_an_image_names_the_image(tmp_path, capsys):
+    """PIL's write errors carry no file name: without sample.py's, run_command's line would say "a file"."""
+    from inputs import run_command
+
+    def full(*args, **kwargs):  # as PIL's write to a full disk fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    out = tmp_path / "out"
+    with mock.patch.object(Image.Image, "save", full), mock.patch.object(os, "_exit", side_effect=SystemExit), \
+            mock.patch.object(signal, "signal"):  # this test process keeps its own handlers
+        with pytest.raises(SystemExit):
+            run_command(lambda: sample.main(["--prompt", "a cat", "--output-dir", str(out)]), "")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: {out}/00000.png: No space left on device: the disk is full: free space on it, or write to another disk"
+
+
 def test_damaged_text_cache_entries_are_computed_again_with_one_line(tmp_path, capsys):
     out = tmp_path / "out"
     train_here(*FAST, "--steps", "1", "--output-dir", out)
