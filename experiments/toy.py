@@ -6,16 +6,17 @@
     python -m experiments.toy hacking   # about 12 minutes more: reward hacking of a biased reward, out/hacking/
     python -m experiments.toy nf4       # a few minutes more: LoRA on a 4-bit base against the fp32 base, out/toy-nf4/
     python -m experiments.toy alarm     # about 10 minutes more: the hacking alarm, healthy and collapsing runs
+    python -m experiments.toy qwen      # about 16 minutes: a Qwen-Image world, its bright/dark steering, out/toy-qwen/
 
 The world and its build are toy_world.py; the demo and its report, toy_demo.py; the reward-hacking comparison,
-hacking.py; the 4-bit base's, toy_nf4.py; the alarm's, alarm.py. `build` ends by printing the root commands that
-use the world: the root's scripts take it only by flag.
+hacking.py; the 4-bit base's, toy_nf4.py; the alarm's, alarm.py; the Qwen-Image world and its steering, toy_qwen.py.
+`build` ends by printing the root commands that use the world: the root's scripts take it only by flag.
 """
 import argparse
 
 import torch
 
-from experiments import alarm, hacking, toy_demo, toy_nf4, toy_world
+from experiments import alarm, hacking, toy_demo, toy_nf4, toy_qwen, toy_world
 from inputs import fail
 
 
@@ -30,7 +31,9 @@ def main(argv=None):
                        ("nf4", "LoRA trained on a 4-bit (nf4) base against one on the fp32 base, same seed and steps; "
                                "writes OUT/report.md"),
                        ("alarm", "train.py --judge on healthy and collapsing runs, several seeds: false and missed "
-                                 "alarms; writes OUT/report.md")):
+                                 "alarms; writes OUT/report.md"),
+                       ("qwen", "build the Qwen-Image world (and the FLUX world, for its CLIPs) and measure SRPO's "
+                                "+bright -dark against +dark -bright on it; writes OUT/numbers.json")):
         s = sub.add_parser(name, help=what)
         s.add_argument("--seed", type=int, default=0, help="which world")
         s.add_argument("--quick", action="store_true", help="the quick world: seconds, barely trained (for tests)")
@@ -43,6 +46,10 @@ def main(argv=None):
             s.add_argument("--steps", type=int, default=toy_world.SRPO_STEPS, help="SRPO optimizer steps per run")
         if name == "alarm":
             s.add_argument("--out", default="out/alarm")
+        if name == "qwen":
+            s.add_argument("--out", default="out/toy-qwen")
+            s.add_argument("--steps", type=int, default=toy_qwen.SRPO_STEPS, help="SRPO optimizer steps per run")
+            s.add_argument("--train-seeds", type=int, nargs="+", default=[42], help="train.py --seed of each run pair")
         if name == "hacking":
             s.add_argument("--out", default="out/hacking")
             s.add_argument("--seeds", type=int, nargs="+", help=f"training seeds of every method; default "
@@ -53,6 +60,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     # 2 threads: the times quoted are for 2 cores, and a float sum's order can depend on the thread count
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.command == "qwen":  # builds what it needs: the world's root commands are toy_qwen.train_argv's
+        paths = toy_qwen.build(args.root, args.seed, args.quick)
+        toy_qwen.steering(paths, args.out, args.steps, seeds=args.train_seeds)
+        return
     if args.command == "build":
         paths = toy_world.build(args.root, args.seed, args.quick)
     else:
