@@ -159,6 +159,9 @@ def parse_args(argv=None):
     a("--seed", type=int, default=42, check=SEED)
     a("--strategy", default="fsdp", choices=("fsdp", "ddp"), help="FSDP2 full shard, or DDP")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="torch.compile each transformer block, for the rollout and the trained step; off until a GPU measures "
+           "whether it pays (experiments/README.md, the step's profile); on a CPU compiling outlasts a tiny run")
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on a frozen base (0: every weight)",
       check=(lambda v: 0 <= v <= 3072, "0 (every weight trains) or a LoRA rank up to 3072, FLUX.1's width: the "
                                        "smaller side of every adapted layer"))
@@ -365,6 +368,13 @@ def load_models(args, family, device, world):
         transformer.enable_gradient_checkpointing()
         if vae._supports_gradient_checkpointing:  # Qwen-Image's video VAE does not (diffusers 0.42)
             vae.enable_gradient_checkpointing()
+    if args.compile:  # regional compilation: one graph serves every block of a class (in each grad mode): FLUX's 57
+        # blocks compile 2, Qwen-Image's 60 also 2 (its last, partly frozen, its own). Dynamo traces forward only;
+        # FSDP2's hooks around it and diffusers' checkpointing, which calls it, run eagerly: so the order against
+        # fully_shard and checkpointing does not matter (torchtitan's, compile then shard, is kept). fullgraph: no
+        # graph break in diffusers 0.42's blocks, LoRA and NF4 layers included; a new one fails at the first step.
+        for block in family.blocks(transformer):
+            block.compile(fullgraph=True)
     if args.strategy == "fsdp":
         # bf16 compute copies, fp32 reductions. Forward inputs are not cast: under activation checkpointing
         # torch 2.11 skips that cast when it recomputes a block, and the recomputation then differs.
