@@ -1,4 +1,4 @@
-"""SRPO training of FLUX: online rollouts, Direct-Align on both branches, the SRP reward (arXiv 2509.06942).
+"""SRPO training of FLUX or Qwen-Image: online rollouts, Direct-Align, the SRP reward (arXiv 2509.06942).
 
 CPU, tiny random models (built offline on first use, a couple of minutes at most):
     python train.py
@@ -12,6 +12,9 @@ Four nodes, 32 GPUs, one prompt each, the same recipe: the same flags, on every 
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_HOST:29500 train.py ...
 One GPU: LoRA adapters of rank 64 on a frozen bf16 base, a 48 GB card; on a 4-bit base, a 24 GB card (planned)
     torchrun --nproc_per_node=1 train.py --model ./FLUX.1-dev --lora-rank 64 --strategy ddp [--quantize-base nf4] ...
+Qwen-Image, 8 GPUs, the release's Qwen-Image recipe (a --model folder's model_index.json picks it; RECIPES):
+    torchrun --nproc_per_node=8 train.py --model ./Qwen-Image --reward-path ./PickScore_v1 \
+        --clip-h ./CLIP-ViT-H-14-laion2B-s32B-b79K --prompts ./prompts.txt --output-dir out/srpo-qwen
 After a crash, the same command with --resume continues from the newest checkpoint that verifies.
 """
 import argparse
