@@ -28,11 +28,12 @@ import re
 import shutil
 import tempfile
 import types
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from diffusers.models.transformers import transformer_flux
 from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import train
@@ -43,6 +44,8 @@ from inputs import fail
 from srpo import srpo_step
 
 SCOPE = "profile/"  # the record_function scopes this script places
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 KINDS = ("matmul", "attention", "norms and rotary", "elementwise and casts", "VAE", "reward", "communication",
          "optimizer", "other", "idle")
 PHASES = ("rollout", "forward", "backward", "optimizer", "rest")  # rest: the loss, .item(), Euler arithmetic
@@ -79,6 +82,9 @@ def parse_args(argv=None):
     a("--vae-width", type=int, default=GPU["vae_width"], help="VAE channels, x1 x2 x4 x4 by block (FLUX.1-dev: 128)")
     a("--text-len", type=int, default=GPU["text_len"], help="T5 tokens (FLUX.1-dev: 512)")
     a("--rollout-steps", type=int, default=train.parse_args([]).rollout_steps, help="the rollout's sampler steps")
+    a("--attention", default="train", choices=("train", *BACKENDS),
+      help="the attention kernel: train.py's choice (cuDNN's off: its backward failed at 720x720 on torch 2.11, "
+           "train.init_distributed), or one forced, to see whether cuDNN's now runs and what each costs")
     a("--json", help="write every number to this file as well")
     a("--trace", help="write the profiled step as a Chrome trace (chrome://tracing, ui.perfetto.dev)")
     args = p.parse_args(argv)
@@ -364,7 +370,10 @@ def main(argv=None):
         m = load_models(root, args.resolution, args.text_len, device, checkpointing=device.type == "cuda",
                         rollout_steps=args.rollout_steps)
         noise = latent_noise(args.resolution, train.rng(0, "noise", 0), device)
-        prof, unprofiled_s = profiled_step(m, noise)
+        if args.attention == "train":
+            torch.backends.cuda.enable_cudnn_sdp(False)  # as train.init_distributed
+        with sdpa_kernel(BACKENDS[args.attention]) if args.attention in BACKENDS else nullcontext():
+            prof, unprofiled_s = profiled_step(m, noise)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     s = summary(tally(prof, device), args, m, unprofiled_s)

@@ -14,8 +14,9 @@ ROLLOUT_STEPS = 2  # of the run's 25: the counts scale by it, the time does not 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
-    s = profile.main(["--device", "cpu", "--quick", "--rollout-steps", str(ROLLOUT_STEPS), "--json",
-                      str(out / "profile.json"), "--trace", str(out / "trace.json")])
+    # flash forced: the fused kernel whose FLOPs are counted from its shapes (the math fallback's are matmuls)
+    s = profile.main(["--device", "cpu", "--quick", "--rollout-steps", str(ROLLOUT_STEPS), "--attention", "flash",
+                      "--json", str(out / "profile.json"), "--trace", str(out / "trace.json")])
     return s, out
 
 
