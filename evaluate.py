@@ -1,4 +1,4 @@
-"""Score sample.py's images with HPSv2.1, PickScore or CLIP, and compare two folders the way the paper's
+r"""Score sample.py's images with HPSv2.1, PickScore or CLIP, and compare two folders the way the paper's
 tables compare FLUX.1-dev and SRPO: mean per folder, and the paired win rate and mean difference.
 
 CPU, the tiny random reward (no download):

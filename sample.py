@@ -1,4 +1,4 @@
-"""Generate images with SRPO weights: diffusers' FluxPipeline (or QwenImagePipeline, by the --model folder's
+r"""Generate images with SRPO weights: diffusers' FluxPipeline (or QwenImagePipeline, by the --model folder's
 model_index.json) with the release's inference settings, 1-N GPUs.
 
 CPU, the tiny random pipeline (no download; the settings only make it quick):

@@ -1,4 +1,4 @@
-"""SRPO training of FLUX or Qwen-Image: online rollouts, Direct-Align, the SRP reward (arXiv 2509.06942).
+r"""SRPO training of FLUX or Qwen-Image: online rollouts, Direct-Align, the SRP reward (arXiv 2509.06942).
 
 CPU, tiny random models (built offline on first use, a couple of minutes at most):
     python train.py

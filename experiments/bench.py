@@ -1,4 +1,4 @@
-"""What Direct-Align costs per training step against ReFL and DRaFT-K, and what train.py adds to the parts a step
+r"""What Direct-Align costs per training step against ReFL and DRaFT-K, and what train.py adds to the parts a step
 cannot avoid, on a FLUX-architecture model with random weights; with the gradient-stability claim and FLUX.1-dev's
 memory plan (arXiv 2509.06942).
 
