@@ -6,7 +6,7 @@
     python -m experiments.toy hacking   # about 12 minutes more: reward hacking of a biased reward, out/hacking/
     python -m experiments.toy nf4       # a few minutes more: LoRA on a 4-bit base against the fp32 base, out/toy-nf4/
     python -m experiments.toy alarm     # about 10 minutes more: the hacking alarm, healthy and collapsing runs
-    python -m experiments.toy qwen      # about 16 minutes: a Qwen-Image world, its bright/dark steering, out/toy-qwen/
+    python -m experiments.toy qwen      # about 8 minutes: a Qwen-Image world, its bright/dark steering, out/toy-qwen/
 
 The world and its build are toy_world.py; the demo and its report, toy_demo.py; the reward-hacking comparison,
 hacking.py; the 4-bit base's, toy_nf4.py; the alarm's, alarm.py; the Qwen-Image world and its steering, toy_qwen.py.
