@@ -248,14 +248,8 @@ def build(root=None, seed=0, quick=False):
             cache)
     shutil.rmtree(text_dir)
     shutil.rmtree(cache)
-    with open(os.path.join(tmp, "world.json"), "w") as f:
-        json.dump(dict(seed=seed, quick=quick, build_s=build_s, **size, sanity=numbers), f, indent=1)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same world first: keep its copy
-        shutil.rmtree(tmp)
-    say(f"built in {build_s:.0f} s (+{time.time() - t0 - build_s:.0f} s of sanity checks):")
-    say(format_sanity(numbers))
+    toy_world.finish(tmp, final, dict(seed=seed, quick=quick, build_s=build_s, **size, sanity=numbers), t0,
+                     format_sanity(numbers))
     return toy_qwen_paths(root, seed, quick)
 
 

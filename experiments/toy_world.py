@@ -421,15 +421,22 @@ def build(root=None, seed=0, quick=False):
                 f.write("\n".join(prompts) + "\n")
         build_s = time.time() - t0
         numbers = sanity(os.path.join(tmp, "flux"), pipe, reward, judge, seed)
+    finish(tmp, final, dict(seed=seed, quick=quick, build_s=build_s, **size, sanity=numbers), t0,
+           format_sanity(numbers))
+    return toy_model_paths(root, seed, quick)
+
+
+def finish(tmp, final, record, t0, sanity_text):
+    """A built world: record as its world.json, the folder renamed from tmp into place (another process that
+    finished the same world first keeps its copy), and the build's times and sanity said."""
     with open(os.path.join(tmp, "world.json"), "w") as f:
-        json.dump(dict(seed=seed, quick=quick, build_s=build_s, **size, sanity=numbers), f, indent=1)
+        json.dump(record, f, indent=1)
     try:
         os.rename(tmp, final)
-    except OSError:  # another process finished the same world first: keep its copy
+    except OSError:
         shutil.rmtree(tmp)
-    say(f"built in {build_s:.0f} s (+{time.time() - t0 - build_s:.0f} s of sanity checks):")
-    say(format_sanity(numbers))
-    return toy_model_paths(root, seed, quick)
+    say(f"built in {record['build_s']:.0f} s (+{time.time() - t0 - record['build_s']:.0f} s of sanity checks):")
+    say(sanity_text)
 
 
 def format_sanity(n):
